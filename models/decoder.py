@@ -1,0 +1,179 @@
+"""One compact decoder (gpt-fast style) for llama, qwen2 and gemma3, running layers [a, b).
+
+`DecoderCore.forward` is a pure tensor function, free of data-dependent Python control flow, so
+`torch.onnx.export` can trace it with dynamic batch B, new tokens T and past length P:
+
+    forward(x, cos, sin, cos_local, sin_local, mask, mask_local, past_k, past_v)
+        -> (out, new_k, new_v)
+
+- x: token ids [B, T] (int64) when a == 0, else hidden states [B, T, dim];
+- cos/sin: [B, T, head_dim] rope tables for global layers, cos_local/sin_local for sliding-window
+  layers (Gemma 3 uses another theta there; the same tensors otherwise), in the activation dtype;
+- mask/mask_local: additive [B, 1, T, P + T] (0 or -inf), built outside from each session's own
+  length, so padding and sliding windows are data, not code;
+- past_k/past_v: [n_layers_in_range, B, n_kv_heads, P, head_dim];
+- out: logits [B, T, vocab] when b == n_layers, else hidden [B, T, dim];
+- new_k/new_v: only the T new tokens' keys/values [n_layers_in_range, B, n_kv_heads, T, head_dim].
+
+Layout choices: weights are [out, in] for `F.linear`; q/k/v and gate/up are fused GEMMs; rope is
+the half-split (NEOX) form for every architecture (the loader un-permutes llama's q/k); all
+RMSNorms multiply by the stored weight (Gemma's +1 is already in its GGUF norms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.weight_formats import PackedSegment, linear_from_packed, split_prefix
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 (as Gemma and llama.cpp do), cast back to x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * weight).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary embedding; x [B, H, T, D], cos/sin [B, 1, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    # Buffers (the optional ones are None when the config flag is off and then never read).
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    post_ffn_norm: torch.Tensor
+
+    def __init__(self, config: ModelConfig, packed: dict[str, torch.Tensor], sliding: bool) -> None:
+        super().__init__()
+        c = config
+        self.sliding = sliding
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.eps, self.scale = c.norm_eps, c.attn_scale
+        self.gelu = c.activation == "gelu_tanh"
+        self.qkv = linear_from_packed(split_prefix(packed, "qkv"))
+        self.wo = linear_from_packed(split_prefix(packed, "wo"))
+        self.gate_up = linear_from_packed(split_prefix(packed, "gate_up"))
+        self.down = linear_from_packed(split_prefix(packed, "down"))
+        self.register_buffer("attn_norm", packed["attn_norm"])
+        self.register_buffer("ffn_norm", packed["ffn_norm"])
+        self.qk_norm = c.qk_norm
+        self.post_norms = c.post_norms
+        for name in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
+            self.register_buffer(name, packed.get(name))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bsz, t = x.shape[0], x.shape[1]
+        h, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        rep = h // kvh
+        qkv = self.qkv(rms_norm(x, self.attn_norm, self.eps))
+        q, k, v = qkv.split([h * hd, kvh * hd, kvh * hd], dim=-1)
+        q = q.view(bsz, t, h, hd).transpose(1, 2)
+        k = k.view(bsz, t, kvh, hd).transpose(1, 2)
+        v = v.view(bsz, t, kvh, hd).transpose(1, 2)
+        if self.qk_norm:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        keys = torch.cat([past_k, k], dim=2)
+        values = torch.cat([past_v, v], dim=2)
+        # GQA without repeating K/V: the rep query heads that share a kv head become rep * T
+        # query rows of one attention problem (mask rows tiled to match).
+        qg = q.reshape(bsz, kvh, rep * t, hd)
+        attn = F.scaled_dot_product_attention(
+            qg, keys, values, attn_mask=mask.repeat(1, 1, rep, 1), scale=self.scale
+        )
+        attn = attn.reshape(bsz, h, t, hd).transpose(1, 2).reshape(bsz, t, h * hd)
+        out = self.wo(attn)
+        if self.post_norms:
+            out = rms_norm(out, self.post_attn_norm, self.eps)
+        x = x + out
+        gate, up = self.gate_up(rms_norm(x, self.ffn_norm, self.eps)).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        out = self.down(act * up)
+        if self.post_norms:
+            out = rms_norm(out, self.post_ffn_norm, self.eps)
+        return x + out, k, v
+
+
+class DecoderCore(nn.Module):
+    """Layers [a, b) of a decoder; see the module docstring for the forward contract."""
+
+    embedding: torch.Tensor
+    final_norm: torch.Tensor
+
+    def __init__(self, segment: PackedSegment) -> None:
+        super().__init__()
+        c = segment.config
+        self.config = c
+        self.layers = segment.layers
+        a, b = segment.layers
+        self.first = a == 0
+        self.last = b == c.n_layers
+        self.register_buffer("embedding", segment.embedding)
+        self.blocks = nn.ModuleList(
+            Block(c, packed, c.sliding_layers[a + i]) for i, packed in enumerate(segment.blocks)
+        )
+        self.register_buffer("final_norm", segment.final_norm)
+        self.head = linear_from_packed(segment.head) if segment.head is not None else None
+        if self.first and segment.embedding is None:
+            raise ValueError("a segment starting at layer 0 needs the embedding")
+        if self.last and (segment.head is None or segment.final_norm is None):
+            raise ValueError("a segment ending at the last layer needs the final norm and head")
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = F.embedding(ids, self.embedding).to(dtype)
+        if self.config.embed_scale != 1.0:
+            # Gemma multiplies by sqrt(dim) rounded to the activation dtype.
+            x = x * torch.tensor(self.config.embed_scale, dtype=dtype)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + output head on hidden states [..., dim] (last segment only)."""
+        assert self.head is not None and self.final_norm is not None
+        return self.head(rms_norm(hidden, self.final_norm, self.config.norm_eps))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cos_local: torch.Tensor,
+        sin_local: torch.Tensor,
+        mask: torch.Tensor,
+        mask_local: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        apply_head: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.embed(x, cos.dtype) if self.first else x
+        new_k: list[torch.Tensor] = []
+        new_v: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            if block.sliding:
+                h, k, v = block(h, cos_local, sin_local, mask_local, past_k[i], past_v[i])
+            else:
+                h, k, v = block(h, cos, sin, mask, past_k[i], past_v[i])
+            new_k.append(k)
+            new_v.append(v)
+        out = self.logits(h) if (self.last and apply_head) else h
+        return out, torch.stack(new_k), torch.stack(new_v)

@@ -1,0 +1,101 @@
+"""The torch execution backend: DecoderCore in eager mode over a shared KVCache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from models.backend import BadBatchError
+from models.batch_inputs import batch_inputs
+from models.config import ModelConfig
+from models.decoder import DecoderCore
+from models.kv_cache import KVCache
+from models.weight_formats import PackedSegment, activation_dtype
+
+
+class TorchBackend:
+    """Runs layers [a, b) for a batch of sessions; one KV cache slot per session."""
+
+    name = "torch"
+
+    def __init__(self, segment: PackedSegment, max_slots: int = 8, max_len: int = 2048) -> None:
+        self.config: ModelConfig = segment.config
+        self.layers = segment.layers
+        self.weight_format = segment.fmt
+        self.dtype = activation_dtype(segment.fmt)
+        self.core = DecoderCore(segment).eval()
+        self.rope_freq_factors = segment.rope_freq_factors
+        c = self.config
+        self.cache = KVCache(
+            n_layers=self.layers[1] - self.layers[0],
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            max_slots=max_slots,
+            max_len=min(max_len, c.context_length),
+            dtype=self.dtype,
+        )
+
+    @property
+    def first(self) -> bool:
+        return self.layers[0] == 0
+
+    @property
+    def last(self) -> bool:
+        return self.layers[1] == self.config.n_layers
+
+    def _stack_inputs(self, inputs: Sequence[torch.Tensor], t: int) -> torch.Tensor:
+        b = len(inputs)
+        if self.first:
+            ids = torch.zeros((b, t), dtype=torch.int64)
+            for i, x in enumerate(inputs):
+                if x.dim() != 1 or x.dtype.is_floating_point:
+                    raise BadBatchError(
+                        f"input {i}: expected token ids [T], got {x.dtype} {tuple(x.shape)}"
+                    )
+                if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
+                    raise BadBatchError(
+                        f"input {i}: token ids must be in [0, {self.config.vocab_size})"
+                    )
+                ids[i, : x.shape[0]] = x
+            return ids
+        hidden = torch.zeros((b, t, self.config.dim), dtype=self.dtype)
+        for i, x in enumerate(inputs):
+            if x.dim() != 2 or x.shape[1] != self.config.dim or not x.dtype.is_floating_point:
+                raise BadBatchError(
+                    f"input {i}: expected hidden states [T, {self.config.dim}], "
+                    f"got {x.dtype} {tuple(x.shape)}"
+                )
+            hidden[i, : x.shape[0]] = x
+        return hidden
+
+    def forward(
+        self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
+    ) -> list[torch.Tensor]:
+        """One padded pass over several sessions (see models.backend.Backend.forward)."""
+        if len(slots) != len(inputs) or not slots:
+            raise BadBatchError(f"{len(slots)} slots for {len(inputs)} inputs")
+        counts = [int(x.shape[0]) for x in inputs]
+        if min(counts) < 1:
+            raise BadBatchError("every session in a batch needs at least one new token")
+        self.cache.check_room(slots, counts)
+        past = [self.cache.length(s) for s in slots]
+        t = max(counts)
+        x = self._stack_inputs(inputs, t)
+        bi = batch_inputs(self.config, past, counts, self.dtype, self.rope_freq_factors)
+        with torch.inference_mode():
+            past_k, past_v = self.cache.gather(slots, bi.past_len)
+            out, new_k, new_v = self.core(
+                x, bi.cos, bi.sin, bi.cos_local, bi.sin_local, bi.mask, bi.mask_local,
+                past_k, past_v, apply_head=not last_only,
+            )  # fmt: skip
+            self.cache.write(slots, new_k, new_v, counts)
+            if last_only:
+                out = torch.stack([out[i, n - 1] for i, n in enumerate(counts)])[:, None]
+                if self.last:
+                    out = self.core.logits(out)
+                return [o.float() if self.last else o for o in out]
+            return [
+                out[i, :n].float() if self.last else out[i, :n].clone()
+                for i, n in enumerate(counts)
+            ]

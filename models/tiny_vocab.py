@@ -24,15 +24,10 @@ from typing import Literal
 import gguf
 from tokenizers import Regex, pre_tokenizers
 
+from models.tokenizer import QWEN2_SPLIT_PATTERN, SPIECE_SPACE, byte_symbols
+
 TinyStyle = Literal["gpt2", "llama"]
 
-# The Qwen2 pre-tokenizer split pattern (tokenizer.json of Qwen2 / llama.cpp's "qwen2" pre).
-QWEN2_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-SPIECE_SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
 # GGUF token types (llama.cpp's llama_token_type values, as stored in tokenizer.ggml.token_type).
 TOKEN_NORMAL = int(gguf.TokenType.NORMAL)
@@ -141,23 +136,6 @@ class Vocabulary:
     unk_id: int | None
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (byte-level BPE symbols)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    # Order as GPT-2/Qwen vocabularies list them: printable bytes first, then the rest.
-    return {b: mapping[b] for b in printable + [b for b in range(256) if b not in printable]}
-
-
 def learn_merges(words: Counter[tuple[str, ...]], n_merges: int) -> list[tuple[str, str]]:
     """Classic BPE: repeatedly merge the most frequent adjacent pair (ties: smallest pair)."""
     merges: list[tuple[str, str]] = []
@@ -209,7 +187,7 @@ def gpt2_vocabulary(corpus: str = CORPUS, n_merges: int = GPT2_MERGES) -> Vocabu
     )
     words = Counter(tuple(piece) for piece, _ in splitter.pre_tokenize_str(corpus))
     merges = learn_merges(words, n_merges)
-    base = list(bytes_to_unicode().values())
+    base = list(byte_symbols().values())  # printable bytes first, as GPT-2/Qwen list them
     tokens = base + _merged_tokens(merges, set(base))
     types = [TOKEN_NORMAL] * len(tokens)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -21,26 +21,6 @@ import torch
 
 from models.config import ModelConfig, UnsupportedModelError, config_from_metadata
 
-Q = gguf.GGMLQuantizationType
-# Types gguf.quants.dequantize can expand and that real llama.cpp files use for these models.
-SUPPORTED_TENSOR_TYPES = frozenset(
-    {
-        Q.F32,
-        Q.F16,
-        Q.BF16,
-        Q.Q4_0,
-        Q.Q4_1,
-        Q.Q5_0,
-        Q.Q5_1,
-        Q.Q8_0,
-        Q.Q2_K,
-        Q.Q3_K,
-        Q.Q4_K,
-        Q.Q5_K,
-        Q.Q6_K,
-    }
-)
-
 # GGUF per-block tensor names (after "blk.N.") -> the decoder's names. Optional ones depend on
 # the architecture (biases for qwen2, q/k norms and post-norms for gemma3).
 BLOCK_TENSORS: Mapping[str, str] = {
@@ -157,14 +137,15 @@ class GGUFFile:
         tensor = self.tensors.get(name)
         if tensor is None:
             raise GGUFFormatError(f"{self.path.name} has no tensor {name!r}")
-        if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        try:
+            # gguf knows every ggml type it can expand (F32, F16, BF16, Q4_0..Q8_0, K-quants, ...).
+            data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
             raise UnsupportedQuantizationError(
                 f"tensor {name!r} in {self.path.name} is stored as {tensor.tensor_type.name}, "
-                f"which sled cannot dequantize (supported: "
-                f"{', '.join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))})"
-            )
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+                f"which the gguf package cannot dequantize"
+            ) from exc
         return np.asarray(data, dtype=np.float32).reshape(shape)
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,818 @@
+"""One authenticated peer connection: requests and replies, server-pushed streams,
+cancellation, flow control, heartbeats and dead-peer detection.
+
+The connection is the asyncio BufferedProtocol itself, so the socket reads straight into the
+frame buffers (see `reader.FrameReader`). Life cycle:
+
+    handshake -> open -> closing -> closed
+
+In `handshake` only the auth frames are accepted (see `auth`); anything else closes the
+connection before any handler runs. A bad frame at any time gets an `error` frame back and
+closes this connection only. Every caller waiting on a connection that closes or whose peer
+goes silent gets a `ConnectionClosedError` / `PeerDeadError`, never a hang.
+
+Flow control: work we initiate (requests, notifications, opening streams) waits while the
+socket's write buffer is above its high-water mark, so a peer that reads slowly pauses us.
+Work we answer (replies, stream items) is bounded instead by the peer: one reply per request
+and stream items only against the credit the stream's reader grants as it consumes them. That
+split is what keeps two busy peers from deadlocking on each other's full buffers. Inbound
+requests run as tasks, at most `max_inflight` at a time; beyond that we stop reading the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, TypeVar, cast
+
+from transport.auth import NONCE_BYTES, ROLE_DIALER, ROLE_LISTENER, ClusterKey, new_nonce
+from transport.errors import (
+    AuthError,
+    ConnectionClosedError,
+    FrameError,
+    PeerDeadError,
+    RemoteError,
+    TransportError,
+    UnexpectedReplyError,
+)
+from transport.frames import Frame, Kind, Limits, decode_body, encode_frame
+from transport.load import system_load
+from transport.messages import (
+    AUTH_MESSAGES,
+    CORE_MESSAGES,
+    AuthChallenge,
+    AuthHello,
+    AuthOk,
+    AuthProof,
+    Cancel,
+    Credit,
+    Error,
+    Heartbeat,
+    Load,
+    Ping,
+    Pong,
+    StreamEnd,
+)
+from transport.reader import FrameReader
+from transport.schema import Message, Registry
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+NODE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+HANDSHAKE, OPEN, CLOSING, CLOSED = "handshake", "open", "closing", "closed"
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_interval: float = 0.5
+    dead_after: float = 2.0  # silence after which the peer is declared dead
+    handshake_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_interval < self.dead_after:
+            raise ValueError("need 0 < heartbeat_interval < dead_after")
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    registry: Registry = CORE_MESSAGES
+    limits: Limits = field(default_factory=Limits)
+    timing: Timing = field(default_factory=Timing)
+    stream_window: int = 16  # stream items in flight before the writer waits for credit
+    max_inflight: int = 64  # inbound handler tasks before we stop reading the socket
+    write_high: int = 4 * 1024 * 1024  # write buffer bytes above which our own sends wait
+    write_low: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This node as it presents itself in the handshake."""
+
+    node_id: str
+    key: ClusterKey
+    listen_port: int = 0  # 0: not listening
+    api_port: int = 0
+    capabilities: str = ""
+
+    def __post_init__(self) -> None:
+        if not valid_node_id(self.node_id):
+            raise ValueError(f"node id {self.node_id!r}: use 1-63 of A-Z a-z 0-9 _ . -")
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """The authenticated peer at the other end."""
+
+    node_id: str
+    host: str
+    listen_port: int
+    api_port: int
+    capabilities: str
+    dialed: bool  # True when this side opened the connection
+
+
+def valid_node_id(node_id: str) -> bool:
+    return NODE_ID_PATTERN.fullmatch(node_id) is not None
+
+
+class Refused(TransportError):
+    """Raise in a handler to answer the request with an `error` message of this code."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code = code
+        self.text = text
+
+
+Handler = Callable[[Message, "Context"], Awaitable[Message | None]]
+LoadSource = Callable[[], Load]
+
+
+async def refuse_all(msg: Message, ctx: Context) -> Message | None:
+    """Handler of connections that serve nothing (plain clients)."""
+    raise Refused("no_handler", f"this node serves no {type(msg).__name__} requests")
+
+
+class _Credit:
+    """Stream items the reader has allowed us to send."""
+
+    def __init__(self) -> None:
+        self.available = 0
+        self.changed = asyncio.Event()
+
+
+class Context:
+    """What a handler gets with the message: who asked, and `push` for streams."""
+
+    def __init__(self, conn: Connection, request_id: int, kind: Kind) -> None:
+        self.connection = conn
+        self.request_id = request_id
+        self.kind = kind
+
+    @property
+    def peer(self) -> PeerInfo:
+        assert self.connection.peer is not None  # handlers run only on open connections
+        return self.connection.peer
+
+    @property
+    def is_stream(self) -> bool:
+        return self.kind is Kind.STREAM
+
+    async def push(self, msg: Message) -> None:
+        """Sends one stream item, waiting while the reader has no credit left."""
+        if not self.is_stream:
+            raise TransportError("push() is only for requests opened with Connection.stream()")
+        await self.connection._push(self.request_id, msg)
+
+
+class Stream:
+    """Client side of a server-pushed stream; `async with conn.stream(msg) as s: async for ...`.
+
+    Leaving the block early cancels the stream at the peer.
+    """
+
+    def __init__(self, conn: Connection, msg: Message, window: int) -> None:
+        if window < 1:
+            raise ValueError("stream window must be >= 1")
+        self._conn = conn
+        self._msg = msg
+        self.window = window
+        self.request_id = 0
+        self._queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
+        self._consumed = 0
+        self._done = False
+
+    async def __aenter__(self) -> Stream:
+        conn = self._conn
+        self.request_id = conn._new_id()
+        conn._streams[self.request_id] = self
+        try:
+            await conn._send(Kind.STREAM, self.request_id, self._msg)
+            conn._write(Kind.NOTIFY, self.request_id, Credit(self.window))
+        except BaseException:
+            conn._streams.pop(self.request_id, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self._done:
+            self._done = True
+            self._conn._streams.pop(self.request_id, None)
+            self._conn._cancel_remote(self.request_id)
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Message) and not isinstance(item, (StreamEnd, Error)):
+            self._consumed += 1
+            if self._consumed * 2 >= self.window:
+                self._conn._write_quietly(Kind.NOTIFY, self.request_id, Credit(self._consumed))
+                self._consumed = 0
+            return item
+        self._done = True
+        self._conn._streams.pop(self.request_id, None)
+        if isinstance(item, StreamEnd):
+            raise StopAsyncIteration
+        if isinstance(item, Error):
+            raise RemoteError(item.code, item.text)
+        raise item
+
+    def _deliver(self, item: Message | BaseException) -> bool:
+        """Queues an item; False if the peer overran the credit it was given."""
+        self._queue.put_nowait(item)
+        return self._queue.qsize() <= self.window + 1
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(
+        self,
+        identity: Identity,
+        handler: Handler | None = None,
+        config: ConnectionConfig | None = None,
+        *,
+        dialer: bool,
+        host: str = "",
+        load_source: LoadSource = system_load,
+        on_open: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.config = config or ConnectionConfig()
+        self._handler = handler or refuse_all
+        self._dialer = dialer
+        self._host = host
+        self._load_source = load_source
+        self._on_open = on_open
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._reader = FrameReader(self.config.limits)
+        self._state = HANDSHAKE
+        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._close_error: TransportError | None = None
+        self._close_callbacks: list[Callable[[Connection], None]] = []
+        self._nonce = new_nonce()
+        self._peer_hello: AuthHello | None = None
+        self.peer: PeerInfo | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._streams: dict[int, Stream] = {}
+        self._credits: dict[int, _Credit] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._notify_tasks: set[asyncio.Task[None]] = set()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._reading_paused = False
+        self._last_rx = self._loop.time()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.peer_load: Load | None = None
+        self.remote_close_code = ""  # code of the `error` the peer sent before closing, if any
+        self._remote_close_text = ""
+        self.frames_received = 0
+        self.app_frames_handled = 0  # frames given to the handler (auth tests count these)
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == OPEN
+
+    @property
+    def close_error(self) -> TransportError | None:
+        """Why the connection closed (None while it is open)."""
+        return self._close_error
+
+    @property
+    def address(self) -> str:
+        peer = self.peer
+        name = peer.node_id if peer else "?"
+        if self._transport is None:
+            return name
+        sock = self._transport.get_extra_info("peername")
+        return f"{name}@{sock[0]}:{sock[1]}" if sock else name
+
+    async def wait_ready(self) -> None:
+        """Returns once authenticated; raises AuthError / ConnectionClosedError otherwise."""
+        await asyncio.shield(self._ready)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def add_close_callback(self, callback: Callable[[Connection], None]) -> None:
+        """Called once, from the event loop, when the connection has closed."""
+        if self._closed.done():
+            self._loop.call_soon(callback, self)
+        else:
+            self._close_callbacks.append(callback)
+
+    async def request(self, msg: Message, expect: type[M], *, timeout: float | None = None) -> M:
+        """Sends a request and returns its reply, which must be an `expect`.
+
+        Raises RemoteError if the peer answered with an error, TimeoutError after `timeout`
+        seconds, ConnectionClosedError / PeerDeadError if the connection ends first.
+        Cancelling the caller cancels the request at the peer.
+        """
+        rid = self._new_id()
+        future: asyncio.Future[Message] = self._loop.create_future()
+        self._pending[rid] = future
+        try:
+            await self._send(Kind.REQUEST, rid, msg)
+            reply = await (future if timeout is None else asyncio.wait_for(future, timeout))
+        except BaseException:
+            if self._pending.pop(rid, None) is not None:
+                self._cancel_remote(rid)
+            raise
+        if isinstance(reply, Error) and expect is not Error:
+            raise RemoteError(reply.code, reply.text)
+        if not isinstance(reply, expect):
+            raise UnexpectedReplyError(
+                f"{self.address} answered {type(msg).__name__} with {type(reply).__name__}, "
+                f"expected {expect.__name__}"
+            )
+        return reply
+
+    def stream(self, msg: Message, *, window: int | None = None) -> Stream:
+        """Opens a server-pushed stream: `async with conn.stream(msg) as s: async for item in s`."""
+        return Stream(self, msg, window or self.config.stream_window)
+
+    async def notify(self, msg: Message) -> None:
+        """Sends a one-way message (waits only while the peer reads slower than we write)."""
+        await self._send(Kind.NOTIFY, 0, msg)
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time in seconds of a ping answered by the peer's connection itself."""
+        start = time.perf_counter()
+        nonce = self._new_id()
+        pong = await self.request(Ping(nonce), Pong, timeout=timeout)
+        if pong.nonce != nonce:
+            raise UnexpectedReplyError(f"{self.address} answered ping {nonce} with {pong.nonce}")
+        return time.perf_counter() - start
+
+    async def close(self, reason: str = "closed locally", timeout: float = 1.0) -> None:
+        """Flushes what was written, then closes; aborts if the peer does not read in time."""
+        self._shutdown(ConnectionClosedError(f"connection to {self.address} {reason}"))
+        await self._wait_flushed(timeout)
+
+    async def close_with(self, code: str, text: str, timeout: float = 1.0) -> None:
+        """Closes after telling the peer why (an `error` notification it records as
+        `remote_close_code`)."""
+        self._shutdown(
+            ConnectionClosedError(f"connection to {self.address} closed: {text}"),
+            send=Error(code, text),
+        )
+        await self._wait_flushed(timeout)
+
+    async def _wait_flushed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.wait_closed(), timeout)
+        except asyncio.TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
+            await self.wait_closed()
+
+    def abort(self, error: TransportError | None = None) -> None:
+        """Drops the connection now, without flushing."""
+        self._shutdown(
+            error or ConnectionClosedError(f"connection to {self.address} aborted"), abort=True
+        )
+
+    # ----------------------------------------------------------------- asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=self.config.write_high, low=self.config.write_low)
+        self._last_rx = self._loop.time()
+        self._timers.append(
+            self._loop.call_later(self.config.timing.handshake_timeout, self._handshake_expired)
+        )
+        if self._dialer:
+            me = self.identity
+            self._write(
+                Kind.NOTIFY,
+                0,
+                AuthHello(me.node_id, self._nonce, me.listen_port, me.api_port, me.capabilities),
+            )
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._last_rx = self._loop.time()
+        try:
+            bodies = self._reader.feed(nbytes)
+        except FrameError as exc:
+            self._violation(exc)
+            return
+        registry, limits = self.config.registry, self.config.limits
+        for body in bodies:
+            if self._state not in (HANDSHAKE, OPEN):
+                return
+            try:
+                frame = decode_body(body, registry, limits)
+            except FrameError as exc:
+                self._violation(exc)
+                return
+            self.frames_received += 1
+            if self._state == OPEN:
+                self._dispatch(frame)
+            else:
+                self._handshake_step(frame)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_error is None:
+            if exc is not None:
+                detail = f"{type(exc).__name__}: {exc}"
+            elif self.remote_close_code:
+                detail = f"closed by the peer: {self.remote_close_code}: {self._remote_close_text}"
+            else:
+                detail = "closed by the peer"
+            self._close_error = ConnectionClosedError(
+                f"connection to {self.address} lost ({detail})"
+            )
+        self._state = CLOSED
+        self._fail_waiters(self._close_error)
+        for task in list(self._tasks.values()) + list(self._notify_tasks):
+            task.cancel()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        self._writable.set()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    # ----------------------------------------------------------------- handshake
+
+    def _handshake_step(self, frame: Frame) -> None:
+        msg = frame.message
+        if type(msg).__sled_schema__.name not in AUTH_MESSAGES or frame.kind is not Kind.NOTIFY:
+            self._violation(
+                FrameError("auth_required", f"{type(msg).__name__} before authentication")
+            )
+            return
+        if isinstance(msg, Error):
+            self._auth_failed(
+                AuthError(f"{self.address} refused the connection: {msg.code}: {msg.text}")
+            )
+            return
+        try:
+            if self._dialer:
+                self._dialer_step(msg)
+            else:
+                self._listener_step(msg)
+        except AuthError as exc:
+            self._auth_failed(exc, tell_peer=True)
+
+    def _listener_step(self, msg: Message) -> None:
+        key = self.identity.key
+        if isinstance(msg, AuthHello) and self._peer_hello is None:
+            _check_hello(msg.node_id, msg.nonce)
+            self._peer_hello = msg
+            proof = key.proof(
+                ROLE_LISTENER, (msg.node_id, msg.nonce), (self.identity.node_id, self._nonce)
+            )
+            me = self.identity
+            self._write(
+                Kind.NOTIFY,
+                0,
+                AuthChallenge(
+                    me.node_id, self._nonce, proof, me.listen_port, me.api_port, me.capabilities
+                ),
+            )
+        elif isinstance(msg, AuthProof) and self._peer_hello is not None:
+            hello = self._peer_hello
+            if not key.verify(
+                msg.proof,
+                ROLE_DIALER,
+                (hello.node_id, hello.nonce),
+                (self.identity.node_id, self._nonce),
+            ):
+                raise AuthError(
+                    f"peer {hello.node_id} failed the cluster-key challenge (its key differs)"
+                )
+            self._write(Kind.NOTIFY, 0, AuthOk())
+            self._opened(hello.node_id, hello.listen_port, hello.api_port, hello.capabilities)
+        else:
+            raise AuthError(f"unexpected {type(msg).__name__} during the handshake")
+
+    def _dialer_step(self, msg: Message) -> None:
+        key = self.identity.key
+        if isinstance(msg, AuthChallenge) and self._peer_hello is None:
+            _check_hello(msg.node_id, msg.nonce)
+            me, peer = (self.identity.node_id, self._nonce), (msg.node_id, msg.nonce)
+            if not key.verify(msg.proof, ROLE_LISTENER, me, peer):
+                raise AuthError(
+                    f"peer {msg.node_id} at {self._host} does not know the cluster key "
+                    "(keys differ: check SLED_CLUSTER_KEY on both nodes)"
+                )
+            self._peer_hello = AuthHello(
+                msg.node_id, msg.nonce, msg.listen_port, msg.api_port, msg.capabilities
+            )
+            self._write(Kind.NOTIFY, 0, AuthProof(key.proof(ROLE_DIALER, me, peer)))
+        elif isinstance(msg, AuthOk) and self._peer_hello is not None:
+            hello = self._peer_hello
+            self._opened(hello.node_id, hello.listen_port, hello.api_port, hello.capabilities)
+        else:
+            raise AuthError(f"unexpected {type(msg).__name__} during the handshake")
+
+    def _opened(self, node_id: str, listen_port: int, api_port: int, capabilities: str) -> None:
+        host = self._host
+        if not host and self._transport is not None:
+            sock = self._transport.get_extra_info("peername")
+            host = sock[0] if sock else ""
+        self.peer = PeerInfo(node_id, host, listen_port, api_port, capabilities, self._dialer)
+        self._state = OPEN
+        self._last_rx = self._loop.time()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self._heartbeat_task = self._loop.create_task(self._heartbeat_loop())
+        if not self._ready.done():
+            self._ready.set_result(None)
+        if self._on_open is not None:
+            self._on_open(self)
+
+    def _auth_failed(self, error: AuthError, tell_peer: bool = False) -> None:
+        log.warning("authentication with %s failed: %s", self.address, error)
+        reply = Error("auth_failed", str(error)) if tell_peer else None
+        self._shutdown(error, send=reply)
+
+    def _handshake_expired(self) -> None:
+        if self._state == HANDSHAKE:
+            self._auth_failed(
+                AuthError(
+                    f"{self.address} did not complete the handshake in "
+                    f"{self.config.timing.handshake_timeout:.1f}s"
+                )
+            )
+
+    # ----------------------------------------------------------------- dispatch
+
+    def _dispatch(self, frame: Frame) -> None:
+        kind, rid, msg = frame.kind, frame.request_id, frame.message
+        if kind is Kind.REPLY:
+            future = self._pending.pop(rid, None)
+            if future is not None and not future.done():
+                future.set_result(msg)
+        elif kind is Kind.ITEM or kind is Kind.END:
+            if (kind is Kind.END) != isinstance(msg, (StreamEnd, Error)):
+                self._violation(
+                    FrameError("bad_frame", "only a stream's end carries stream_end or error")
+                )
+                return
+            stream = self._streams.get(rid)
+            if stream is not None and not stream._deliver(msg):
+                self._violation(FrameError("flow_control", f"stream {rid} overran its credit"))
+        elif kind is Kind.NOTIFY and isinstance(msg, (Heartbeat, Credit, Cancel, Error)):
+            self._control(rid, msg)
+        elif kind is Kind.REQUEST and isinstance(msg, Ping):
+            self._write_quietly(Kind.REPLY, rid, Pong(msg.nonce))
+        elif type(msg).__sled_schema__.name in AUTH_MESSAGES and not isinstance(msg, Error):
+            self._violation(FrameError("bad_frame", f"{type(msg).__name__} after authentication"))
+        elif kind is Kind.REQUEST or kind is Kind.STREAM or kind is Kind.NOTIFY:
+            self._start_handler(kind, rid, msg)
+
+    def _control(self, rid: int, msg: Message) -> None:
+        if isinstance(msg, Heartbeat):
+            self.peer_load = msg.load
+        elif isinstance(msg, Credit):
+            if msg.items < 1:
+                self._violation(FrameError("flow_control", f"credit of {msg.items} items"))
+                return
+            credit = self._credits.get(rid)
+            if credit is not None:
+                credit.available += msg.items
+                credit.changed.set()
+        elif isinstance(msg, Cancel):
+            task = self._tasks.get(rid)
+            if task is not None:
+                task.cancel()
+        elif isinstance(msg, Error):  # the peer says why it is about to close
+            self.remote_close_code = msg.code
+            self._remote_close_text = msg.text
+
+    def _start_handler(self, kind: Kind, rid: int, msg: Message) -> None:
+        if kind is not Kind.NOTIFY and rid in self._tasks:
+            self._violation(FrameError("bad_frame", f"request id {rid} reused while in flight"))
+            return
+        if kind is Kind.STREAM:
+            self._credits[rid] = _Credit()
+        task = self._loop.create_task(self._run_handler(kind, rid, msg))
+        if kind is Kind.NOTIFY:
+            self._notify_tasks.add(task)
+        else:
+            self._tasks[rid] = task
+        if len(self._tasks) + len(self._notify_tasks) >= self.config.max_inflight:
+            self._pause_reading()
+
+    async def _run_handler(self, kind: Kind, rid: int, msg: Message) -> None:
+        ctx = Context(self, rid, kind)
+        self.app_frames_handled += 1
+        reply: Message | None
+        try:
+            try:
+                result = await self._handler(msg, ctx)
+            except Refused as exc:
+                reply = Error(exc.code, exc.text)
+            except Exception as exc:  # the handler's bug must not take the connection down
+                log.exception("handler for %s from %s failed", type(msg).__name__, self.address)
+                reply = Error("handler_failed", f"{type(exc).__name__}: {exc}")
+            else:
+                reply = result
+                if kind is Kind.REQUEST and result is None:
+                    reply = Error(
+                        "no_reply", f"the handler of {type(msg).__name__} returned nothing"
+                    )
+            if kind is Kind.REQUEST:
+                assert reply is not None
+                self._write_quietly(Kind.REPLY, rid, reply)
+            elif kind is Kind.STREAM:
+                if reply is not None and not isinstance(reply, Error):
+                    await self._push(rid, reply)
+                    reply = None
+                self._write_quietly(Kind.END, rid, reply or StreamEnd())
+        except (ConnectionClosedError, asyncio.CancelledError):
+            pass  # the peer is gone or cancelled the request: nobody to answer
+        except FrameError as exc:  # the handler returned a message we cannot encode
+            log.error(
+                "cannot send the reply to %s from %s: %s", type(msg).__name__, self.address, exc
+            )
+            self._write_quietly(
+                Kind.END if kind is Kind.STREAM else Kind.REPLY, rid, Error(exc.code, exc.text)
+            )
+        finally:
+            self._credits.pop(rid, None)
+            if kind is Kind.NOTIFY:
+                self._notify_tasks.discard(asyncio.current_task())
+            else:
+                self._tasks.pop(rid, None)
+            if (
+                self._reading_paused
+                and len(self._tasks) + len(self._notify_tasks) < self.config.max_inflight
+            ):
+                self._resume_reading()
+
+    async def _push(self, rid: int, msg: Message) -> None:
+        credit = self._credits.get(rid)
+        while True:
+            if self._state != OPEN or credit is None:
+                raise self._closed_error()
+            if credit.available > 0:
+                break
+            credit.changed.clear()
+            await credit.changed.wait()
+        credit.available -= 1
+        self._write(Kind.ITEM, rid, msg)
+
+    # ----------------------------------------------------------------- sending
+
+    def _new_id(self) -> int:
+        return next(self._ids)
+
+    def _closed_error(self) -> TransportError:
+        return self._close_error or ConnectionClosedError(
+            f"connection to {self.address} is not open"
+        )
+
+    def _write(self, kind: Kind, rid: int, msg: Message) -> None:
+        """Queues a frame without waiting (FrameError if the message is invalid)."""
+        if self._transport is None or self._state in (CLOSING, CLOSED):
+            raise self._closed_error()
+        self._transport.writelines(encode_frame(Frame(kind, rid, msg), self.config.limits))
+
+    def _write_quietly(self, kind: Kind, rid: int, msg: Message) -> None:
+        """Like _write, for control frames whose loss a closing connection makes moot."""
+        with contextlib.suppress(ConnectionClosedError):
+            self._write(kind, rid, msg)
+
+    async def _send(self, kind: Kind, rid: int, msg: Message) -> None:
+        if self._state != OPEN:
+            if self._state == HANDSHAKE:
+                raise ConnectionClosedError(
+                    f"connection to {self.address} is not authenticated yet"
+                )
+            raise self._closed_error()
+        self._write(kind, rid, msg)
+        if not self._writable.is_set():
+            await self._writable.wait()
+            if self._state != OPEN:
+                raise self._closed_error()
+
+    def _cancel_remote(self, rid: int) -> None:
+        if self._state == OPEN:
+            self._write_quietly(Kind.NOTIFY, rid, Cancel())
+
+    # ----------------------------------------------------------------- liveness and closing
+
+    async def _heartbeat_loop(self) -> None:
+        timing = self.config.timing
+        tick = timing.heartbeat_interval / 2
+        next_beat = 0.0
+        while self._state == OPEN:
+            now = self._loop.time()
+            silent = now - self._last_rx
+            if not self._reading_paused and silent > timing.dead_after:
+                self._shutdown(
+                    PeerDeadError(f"peer {self.address} sent nothing for {silent:.1f}s"), abort=True
+                )
+                return
+            if now >= next_beat:
+                next_beat = now + timing.heartbeat_interval
+                self._write_quietly(Kind.NOTIFY, 0, Heartbeat(self._load(), time.time()))
+            await asyncio.sleep(tick)
+
+    def _load(self) -> Load:
+        try:
+            return self._load_source()
+        except Exception:  # a broken load source must not stop heartbeats
+            log.exception("load source failed; sending empty load figures")
+            return Load()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None and self._state == OPEN:
+            self._reading_paused = False
+            self._last_rx = self._loop.time()  # we were not listening: no silence to count
+            self._transport.resume_reading()
+
+    def _violation(self, error: FrameError) -> None:
+        log.warning("closing connection to %s: %s", self.address, error)
+        self._shutdown(
+            ConnectionClosedError(f"connection to {self.address} closed: bad frame ({error})"),
+            send=Error(error.code, error.text),
+        )
+
+    def _shutdown(
+        self, error: TransportError, *, send: Message | None = None, abort: bool = False
+    ) -> None:
+        if self._state in (CLOSING, CLOSED):
+            return
+        self._state = CLOSING
+        self._close_error = error
+        for timer in self._timers:
+            timer.cancel()
+        self._fail_waiters(error)
+        if self._transport is None:  # never connected: nothing to flush or wait for
+            self._state = CLOSED
+            if not self._closed.done():
+                self._closed.set_result(None)
+            return
+        if send is not None and not abort:
+            with contextlib.suppress(FrameError, RuntimeError):
+                self._transport.writelines(
+                    encode_frame(Frame(Kind.NOTIFY, 0, send), self.config.limits)
+                )
+        if abort:
+            self._transport.abort()
+        else:
+            self._transport.close()
+
+    def _fail_waiters(self, error: TransportError) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # retrieved: nobody may be waiting for it
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._deliver(error)
+        for credit in self._credits.values():
+            credit.changed.set()
+        self._writable.set()
+
+
+def _check_hello(node_id: str, nonce: bytes) -> None:
+    if not valid_node_id(node_id):
+        raise AuthError(f"peer sent an invalid node id {node_id!r}")
+    if len(nonce) != NONCE_BYTES:
+        raise AuthError(f"peer sent a {len(nonce)}-byte nonce, expected {NONCE_BYTES}")

@@ -1,0 +1,263 @@
+"""Frame codec (pure): message <-> bytes, with every limit checked before memory is spent.
+
+Wire format of one frame:
+
+    u32 big-endian  body length N (checked against Limits.max_frame before anything is allocated)
+    body, N bytes:
+      msgpack map   {"v": protocol version, "k": frame kind, "i": request id,
+                     "m": message type, "f": {plain fields},
+                     "t": [[field, dtype, shape, nbytes, lib], ...]}   ("t" only with tensors)
+      zero padding  to a multiple of 16 bytes (from the start of the body)
+      per tensor    its raw little-endian C-order bytes, zero-padded to a multiple of 16
+
+Tensors never go through msgpack: the receiver views them in the frame's buffer, and the
+16-byte alignment keeps those views aligned for every dtype.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final, TypeAlias
+
+import msgpack
+import numpy as np
+
+from transport.errors import FrameError
+from transport.schema import Message, Registry, schema_of
+from transport.tensors import (
+    LIB_NUMPY,
+    LIB_TORCH,
+    MAX_NDIM,
+    WIRE_DTYPES,
+    expected_nbytes,
+    from_wire,
+    to_wire,
+)
+
+# A received frame body: bytearray for small frames, a uint8 array for large ones.
+Body: TypeAlias = bytearray | np.ndarray[Any, np.dtype[np.uint8]]
+
+PROTOCOL_VERSION: Final = 1
+PREFIX: Final = struct.Struct(">I")
+ALIGN: Final = 16
+MAX_REQUEST_ID: Final = 2**63 - 1
+_PAD: Final = bytes(ALIGN)
+_HEADER_KEYS: Final = frozenset({"v", "k", "i", "m", "f", "t"})
+_REQUIRED_KEYS: Final = frozenset({"v", "k", "i", "m", "f"})
+_FIRST_HEADER_READ: Final = 4096
+
+
+class Kind(IntEnum):
+    """What a frame is in the request/stream machinery."""
+
+    NOTIFY = 0  # one-way message; a request id names its subject (cancel, credit) or is 0
+    REQUEST = 1  # expects exactly one REPLY with the same id
+    REPLY = 2
+    STREAM = 3  # opens a server-pushed stream: ITEM* then END with the same id
+    ITEM = 4
+    END = 5
+
+
+_KINDS: Final = tuple(Kind)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a peer may make us allocate or parse."""
+
+    max_frame: int = 64 * 1024 * 1024
+    max_header: int = 1024 * 1024
+    max_tensors: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_header <= self.max_frame <= 2**32 - 1:
+            raise ValueError("need 0 < max_header <= max_frame < 4 GiB")
+        if self.max_tensors < 0:
+            raise ValueError("max_tensors must be >= 0")
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    request_id: int
+    message: Message
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def encode_frame(frame: Frame, limits: Limits) -> list[bytes | memoryview]:
+    """Buffers to write in order (length prefix included); tensor memory is shared, not copied."""
+    schema = schema_of(frame.message)
+    plain, tensors = schema.split(frame.message)
+    header: dict[str, object] = {
+        "v": PROTOCOL_VERSION,
+        "k": int(frame.kind),
+        "i": frame.request_id,
+        "m": schema.name,
+        "f": plain,
+    }
+    views: list[memoryview] = []
+    if tensors:
+        if len(tensors) > limits.max_tensors:
+            raise FrameError(
+                "too_many_tensors", f"{len(tensors)} tensors, limit {limits.max_tensors}"
+            )
+        specs = []
+        for name, value in tensors:
+            dtype, shape, lib, view = to_wire(value)
+            specs.append([name, dtype, list(shape), view.nbytes, lib])
+            views.append(view)
+        header["t"] = specs
+    packed = msgpack.packb(header)
+    if len(packed) > limits.max_header:
+        raise FrameError(
+            "header_too_large", f"header of {len(packed)} bytes, limit {limits.max_header}"
+        )
+    head_len = _aligned(len(packed)) if views else len(packed)
+    body_len = head_len + sum(_aligned(v.nbytes) for v in views)
+    if body_len > limits.max_frame:
+        raise FrameError("frame_too_large", f"frame of {body_len} bytes, limit {limits.max_frame}")
+    first = PREFIX.pack(body_len) + packed + _PAD[: head_len - len(packed)]
+    out: list[bytes | memoryview] = [first]
+    for view in views:
+        out.append(view)
+        pad = _aligned(view.nbytes) - view.nbytes
+        if pad:
+            out.append(_PAD[:pad])
+    return out
+
+
+def encode_frame_bytes(frame: Frame, limits: Limits) -> bytes:
+    """The whole frame as one bytes object (tests, fuzzing; copies the tensors)."""
+    return b"".join(encode_frame(frame, limits))
+
+
+def body_length(prefix: bytes | bytearray | memoryview, limits: Limits) -> int:
+    """The body length a 4-byte prefix announces; FrameError if it exceeds the limit."""
+    (length,) = PREFIX.unpack(prefix)
+    if length > limits.max_frame:
+        raise FrameError(
+            "frame_too_large", f"peer announced a frame of {length} bytes, limit {limits.max_frame}"
+        )
+    return length
+
+
+def _unpack_header(body: memoryview, limits: Limits) -> tuple[object, int]:
+    """(header object, bytes it used). Feeds msgpack only the header's bytes, a few KiB at a time."""
+    if len(body) <= _FIRST_HEADER_READ:
+        # Small frames (most of them): parse in place; a frame with tensors raises ExtraData
+        # and takes the streaming path below.
+        try:
+            return msgpack.unpackb(body, raw=False, use_list=False, strict_map_key=True), len(body)
+        except msgpack.ExtraData:
+            pass
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise FrameError("bad_header", f"header is not valid msgpack ({exc})") from None
+    unpacker = msgpack.Unpacker(
+        raw=False, use_list=False, strict_map_key=True, max_buffer_size=limits.max_header
+    )
+    fed = 0
+    step = _FIRST_HEADER_READ
+    while True:
+        end = min(len(body), limits.max_header, fed + step)
+        unpacker.feed(body[fed:end])
+        fed = end
+        try:
+            return unpacker.unpack(), unpacker.tell()
+        except msgpack.OutOfData:
+            if fed == len(body):
+                raise FrameError("bad_header", "frame ends inside its header") from None
+            if fed >= limits.max_header:
+                raise FrameError(
+                    "header_too_large", f"header longer than the limit of {limits.max_header} bytes"
+                ) from None
+            step *= 4
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise FrameError("bad_header", f"header is not valid msgpack ({exc})") from None
+
+
+def _tensor_specs(raw: object, limits: Limits) -> list[tuple[str, str, tuple[int, ...], int, str]]:
+    if not isinstance(raw, tuple):
+        raise FrameError("bad_header", "tensor table ('t') must be an array")
+    if len(raw) > limits.max_tensors:
+        raise FrameError("too_many_tensors", f"{len(raw)} tensors, limit {limits.max_tensors}")
+    specs = []
+    for index, entry in enumerate(raw):
+        where = f"tensor #{index}"
+        if not (isinstance(entry, tuple) and len(entry) == 5):
+            raise FrameError("bad_tensor", f"{where}: expected [field, dtype, shape, nbytes, lib]")
+        name, dtype, shape, nbytes, lib = entry
+        if not isinstance(name, str):
+            raise FrameError("bad_tensor", f"{where}: field name must be a string")
+        if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+            raise FrameError("bad_tensor", f"{where} ({name}): unknown dtype {dtype!r}")
+        if (
+            not isinstance(shape, tuple)
+            or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise FrameError(
+                "bad_tensor", f"{where} ({name}): shape must be at most {MAX_NDIM} integers >= 0"
+            )
+        if (
+            not isinstance(nbytes, int)
+            or isinstance(nbytes, bool)
+            or nbytes != expected_nbytes(dtype, shape)
+        ):
+            raise FrameError(
+                "bad_tensor",
+                f"{where} ({name}): byte length {nbytes!r} != shape {list(shape)} x {dtype} size",
+            )
+        if lib not in (LIB_NUMPY, LIB_TORCH):
+            raise FrameError("bad_tensor", f"{where} ({name}): unknown library tag {lib!r}")
+        specs.append((name, dtype, shape, nbytes, lib))
+    return specs
+
+
+def decode_body(body: Body, registry: Registry, limits: Limits) -> Frame:
+    """A frame from its body (the bytes after the length prefix). Never raises anything but
+    FrameError. Tensors in the result are views into `body`, which they keep alive."""
+    if len(body) > limits.max_frame:
+        raise FrameError("frame_too_large", f"frame of {len(body)} bytes, limit {limits.max_frame}")
+    view = memoryview(body) if isinstance(body, bytearray) else body.data
+    header, used = _unpack_header(view, limits)
+    if not isinstance(header, dict):
+        raise FrameError("bad_header", f"header must be a map, got {type(header).__name__}")
+    keys = header.keys()
+    if not _REQUIRED_KEYS <= keys <= _HEADER_KEYS:
+        missing = sorted(_REQUIRED_KEYS - keys)
+        unknown = sorted(str(k) for k in keys - _HEADER_KEYS)
+        raise FrameError("bad_header", f"header lacks keys {missing} / has unknown keys {unknown}")
+    version, kind_value, request_id, name = header["v"], header["k"], header["i"], header["m"]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise FrameError(
+            "bad_version",
+            f"protocol version {version!r} is not supported (this node speaks {PROTOCOL_VERSION})",
+        )
+    if type(kind_value) is not int or not 0 <= kind_value < len(_KINDS):
+        raise FrameError("bad_header", f"unknown frame kind {kind_value!r}")
+    if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
+        raise FrameError("bad_header", f"request id {request_id!r} is not an integer in [0, 2**63)")
+    if type(name) is not str:
+        raise FrameError("bad_header", "message type ('m') must be a string")
+    schema = registry.get(name)
+    if schema is None:
+        raise FrameError("unknown_type", f"unknown message type {name!r}")
+    specs = _tensor_specs(header["t"], limits) if "t" in keys else []
+    offset = _aligned(used) if specs else used
+    expected = offset + sum(_aligned(s[3]) for s in specs)
+    if expected != len(body):
+        raise FrameError(
+            "length_mismatch", f"frame has {len(body)} bytes, its header describes {expected}"
+        )
+    tensors: dict[str, object] = {}
+    for tname, dtype, shape, nbytes, lib in specs:
+        if tname in tensors:
+            raise FrameError("bad_tensor", f"{name}: tensor {tname!r} sent twice")
+        tensors[tname] = from_wire(view, offset, dtype, shape, lib)
+        offset += _aligned(nbytes)
+    return Frame(_KINDS[kind_value], request_id, schema.build(header["f"], tensors))

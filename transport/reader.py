@@ -1,0 +1,87 @@
+"""Splits a byte stream into frame bodies (sans-io, drives asyncio.BufferedProtocol).
+
+Small frames are read many at a time into one reusable scratch buffer and copied out (cheap,
+and one recv serves many frames). A frame bigger than `direct_threshold` gets its own buffer as
+soon as its length prefix is seen, and the socket reads the rest straight into it, so tensor
+payloads land in their final memory. The length prefix is checked against the limit before
+that buffer is allocated.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+
+from transport.frames import PREFIX, Body, Limits, body_length
+
+SCRATCH_BYTES: Final = 64 * 1024
+DIRECT_THRESHOLD: Final = 16 * 1024
+
+
+class FrameReader:
+    def __init__(
+        self,
+        limits: Limits,
+        scratch_bytes: int = SCRATCH_BYTES,
+        direct_threshold: int = DIRECT_THRESHOLD,
+    ) -> None:
+        if direct_threshold + PREFIX.size > scratch_bytes:
+            raise ValueError("scratch buffer must hold any frame below the direct threshold")
+        self._limits = limits
+        self._threshold = direct_threshold
+        self._scratch = bytearray(scratch_bytes)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # unconsumed bytes are scratch[start:end]
+        self._end = 0
+        self._big: np.ndarray | None = None  # body of a large frame being filled in place
+        self._filled = 0
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the socket should go (never empty)."""
+        if self._big is not None:
+            return memoryview(self._big)[self._filled :]  # type: ignore[arg-type]
+        return self._view[self._end :]
+
+    def feed(self, nbytes: int) -> list[Body]:
+        """Accounts for `nbytes` written into the last buffer; returns the completed bodies.
+
+        Raises FrameError when a length prefix exceeds the limit; the stream is then unusable.
+        """
+        if self._big is not None:
+            self._filled += nbytes
+            if self._filled < len(self._big):
+                return []
+            done: list[Body] = [self._big]
+            self._big = None
+            return done
+        self._end += nbytes
+        return self._split()
+
+    def _split(self) -> list[Body]:
+        out: list[Body] = []
+        scratch, view = self._scratch, self._view
+        while self._end - self._start >= PREFIX.size:
+            start = self._start
+            length = body_length(view[start : start + PREFIX.size], self._limits)
+            have = self._end - start - PREFIX.size
+            if have >= length:
+                out.append(scratch[start + PREFIX.size : start + PREFIX.size + length])
+                self._start = start + PREFIX.size + length
+                continue
+            if length > self._threshold:
+                # np.empty skips the zero-fill that bytearray(length) would pay
+                big = np.empty(length, dtype=np.uint8)
+                big[:have] = np.frombuffer(scratch, np.uint8, have, start + PREFIX.size)
+                self._big, self._filled = big, have
+                self._start = self._end = 0
+                return out
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(scratch) - self._end < self._threshold + PREFIX.size:
+            # Make room for the pending partial frame, which is at most the threshold.
+            pending = self._end - self._start
+            scratch[:pending] = scratch[self._start : self._end]
+            self._start, self._end = 0, pending
+        return out

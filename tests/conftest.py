@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.tiny import TINY_ARCHS, write_tiny
 
@@ -46,3 +48,15 @@ def real_model_path(name: str) -> Path:
     from models.registry import fetch
 
     return Path(fetch(name))
+
+
+@pytest.fixture
+def torch_single_thread() -> Iterator[None]:
+    """Tiny-model tests run single-threaded: their ops are too small to gain from threads, and
+    OpenMP threads waiting on a busy 2-core machine cost milliseconds per op."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

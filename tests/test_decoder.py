@@ -19,6 +19,8 @@ from models.weight_formats import UnsupportedWeightFormatError
 TOL = {"fp32": 1e-4, "bf16": 0.5, "int8": 0.5, "int4": 0.5}
 MEAN_TOL = {"fp32": 1e-5, "bf16": 0.1, "int8": 0.1, "int4": 0.1}
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))

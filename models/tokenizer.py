@@ -341,6 +341,8 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        if not 0 <= token_id < len(self._table):
+            raise TokenizerError(f"token id {token_id} is outside 0..{len(self._table) - 1}")
         return self._utf8.decode(self._table[token_id])
 
     def flush(self) -> str:
@@ -456,14 +458,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` with control tokens (BOS, ``<|im_end|>``, ...) left out."""
-        try:
-            raw = b"".join(self._table[i] for i in ids)
-        except IndexError:
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= len(self._table)):
             bad = [i for i in ids if not 0 <= i < len(self._table)]
-            raise TokenizerError(
-                f"token ids {bad[:5]} are outside 0..{len(self._table) - 1}"
-            ) from None
-        return raw.decode("utf-8", errors="replace")
+            raise TokenizerError(f"token ids {bad[:5]} are outside 0..{len(self._table) - 1}")
+        return b"".join([self._table[i] for i in ids]).decode("utf-8", errors="replace")
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self._table)

@@ -242,8 +242,12 @@ def test_bad_metadata_errors(tiny_paths: dict[str, Path]) -> None:
         spec_from_metadata({**meta, "tokenizer.ggml.eos_token_id": 10**6})
     with pytest.raises(TokenizerError, match="pre-tokenizer 'mystery'"):
         Tokenizer(spec_from_metadata({**meta, "tokenizer.ggml.pre": "mystery"}))
-    with pytest.raises(TokenizerError, match="outside"):
-        Tokenizer(spec_from_metadata(meta)).decode([10**6])
+    tok = Tokenizer(spec_from_metadata(meta))
+    for bad in (10**6, -1):
+        with pytest.raises(TokenizerError, match="outside"):
+            tok.decode([5, bad])
+        with pytest.raises(TokenizerError, match="outside"):
+            tok.stream_decoder().push(bad)
 
 
 def test_spiece_merges_order() -> None:

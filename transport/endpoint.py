@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import socket
 from collections.abc import Callable
 
 from transport.auth import check_listen_allowed
@@ -49,9 +51,12 @@ async def connect(
 class Listener:
     """A listening socket and the connections it accepted."""
 
-    def __init__(self, server: asyncio.AbstractServer, connections: set[Connection]) -> None:
+    def __init__(
+        self, server: asyncio.AbstractServer, connections: set[Connection], identity: Identity
+    ) -> None:
         self._server = server
         self._connections = connections
+        self.identity = identity  # with the bound listen_port
 
     @property
     def port(self) -> int:
@@ -98,7 +103,12 @@ async def listen(
         return conn
 
     try:
-        server = await loop.create_server(make, host, port)
+        # Bind first so that the handshake can tell peers the real port when port is 0.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=128)
     except OSError as exc:
         raise DialError(f"cannot listen on {host}:{port}: {exc}") from exc
-    return Listener(server, connections)
+    if identity.listen_port != sock.getsockname()[1]:
+        identity = dataclasses.replace(identity, listen_port=sock.getsockname()[1])
+    server = await loop.create_server(make, sock=sock)
+    return Listener(server, connections, identity)

@@ -148,7 +148,7 @@ def body_length(prefix: bytes | bytearray | memoryview, limits: Limits) -> int:
 
 def _unpack_header(body: memoryview, limits: Limits) -> tuple[object, int]:
     """(header object, bytes it used). Feeds msgpack only the header's bytes, a few KiB at a time."""
-    if len(body) <= _FIRST_HEADER_READ:
+    if len(body) <= min(_FIRST_HEADER_READ, limits.max_header):
         # Small frames (most of them): parse in place; a frame with tensors raises ExtraData
         # and takes the streaming path below.
         try:

@@ -14,7 +14,6 @@ and the closing end says "duplicate" so the other does not report the peer down.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ class Mesh:
             load_source=self._load_source,
             on_open=self._adopt,
         )
-        self.identity = dataclasses.replace(self.identity, listen_port=self._listener.port)
+        self.identity = self._listener.identity
         for host, port in cfg.static_peers:
             self._dial(host, port, None, persistent=True)
 

@@ -66,8 +66,9 @@ def _numpy_wire(array: np.ndarray) -> tuple[str, np.ndarray]:
     name = array.dtype.name
     if name not in WIRE_DTYPES or name == "bfloat16":
         raise FrameError("bad_tensor", f"numpy dtype {array.dtype} cannot be sent")
-    # Only byte-swaps or gathers when the array is big-endian or strided.
-    array = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
+    # Only byte-swaps or gathers when the array is big-endian or strided (and, unlike
+    # ascontiguousarray, keeps 0-d arrays 0-d).
+    array = np.asarray(array, dtype=WIRE_DTYPES[name], order="C")
     return name, array
 
 

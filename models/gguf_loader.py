@@ -105,6 +105,24 @@ def _field_value(field: gguf.ReaderField) -> object:
     return field.contents()
 
 
+class _PlainArrayReader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map.
+
+    The reader slices its buffer once per metadata element (~790k times for Gemma's 262k-token
+    vocabulary); slicing an ``np.memmap`` subclass costs several times more than slicing a plain
+    ndarray (measured: opening Gemma 3 270M took 16.2 s, 5.9 s with this; Qwen 13.7 s vs 2.9 s).
+    The view keeps the map alive and tensors stay zero-copy views into the file.
+    """
+
+    @property  # type: ignore[override]
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain_data = value.view(np.ndarray)
+
+
 class GGUFFile:
     """An open GGUF file (memory-mapped by gguf.GGUFReader); reads tensors on demand.
 
@@ -117,7 +135,7 @@ class GGUFFile:
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
         try:
-            self.reader = gguf.GGUFReader(self.path, "r")
+            self.reader = _PlainArrayReader(self.path, "r")
         except (ValueError, OSError, IndexError, KeyError) as exc:
             raise GGUFFormatError(f"{self.path} is not a readable GGUF file: {exc}") from exc
         self.tensors = {t.name: t for t in self.reader.tensors}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.gguf_loader import GGUFFile
+from models.gguf_loader import GGUFFile, SegmentWeights
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32
@@ -223,22 +223,18 @@ class PackedSegment:
     rope_freq_factors: torch.Tensor | None
 
 
-def raw_dtype(fmt: str) -> torch.dtype:
-    """dtype to dequantize GGUF tensors to before packing (quantizers want float32 input)."""
-    return torch.bfloat16 if fmt == "bf16" else torch.float32
-
-
 def pack_embedding(gf: GGUFFile, fmt: str) -> torch.Tensor:
     return gf.embedding(embedding_dtype(fmt)).contiguous()
 
 
 def pack_gguf_block(gf: GGUFFile, index: int, fmt: str) -> dict[str, torch.Tensor]:
-    return pack_block(gf.block(index, raw_dtype(fmt)), fmt)
+    # Dequantize to float32 (one layer at a time), so norms stay exact and quantizers see floats.
+    return pack_block(gf.block(index, torch.float32), fmt)
 
 
 def pack_head(gf: GGUFFile, fmt: str) -> dict[str, torch.Tensor]:
     """Final norm (key "norm") and output head (keys "head.*")."""
-    out = prefixed("head", pack_linear(gf.head(raw_dtype(fmt)), None, head_format(fmt)))
+    out = prefixed("head", pack_linear(gf.head(torch.float32), None, head_format(fmt)))
     out["norm"] = gf.final_norm(torch.float32).contiguous()
     return out
 
@@ -258,4 +254,22 @@ def pack_segment(gf: GGUFFile, layers: tuple[int, int] | None, fmt: str) -> Pack
         final_norm=None if head is None else head.pop("norm"),
         head=None if head is None else split_prefix(head, "head"),
         rope_freq_factors=gf.rope_freq_factors(),
+    )
+
+
+def pack_weights(raw: SegmentWeights, fmt: str) -> PackedSegment:
+    """Convert already-loaded float weights to `fmt` (e.g. one fp32 load, several formats)."""
+    check_format(fmt)
+    head = None
+    if raw.head is not None:
+        head = pack_linear(raw.head.float(), None, head_format(fmt))
+    return PackedSegment(
+        config=raw.config,
+        layers=raw.layers,
+        fmt=fmt,
+        embedding=None if raw.embedding is None else raw.embedding.to(embedding_dtype(fmt)),
+        blocks=tuple(pack_block(b, fmt) for b in raw.blocks),
+        final_norm=None if raw.norm is None else raw.norm.float(),
+        head=head,
+        rope_freq_factors=raw.rope_freq_factors,
     )

@@ -10,10 +10,10 @@ import torch
 
 from models import weight_cache
 from models.backend import load_backend
-from models.gguf_loader import GGUFFile
+from models.gguf_loader import GGUFFile, load_weights
 from models.tiny import write_tiny
 from models.weight_cache import WeightCache, default_root, file_digest
-from models.weight_formats import pack_segment
+from models.weight_formats import pack_segment, pack_weights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -104,3 +104,17 @@ def test_default_root_respects_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         WeightCache(tmp_path).load_segment(tmp_path / "nope.gguf", None, "bf16")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_packing_loaded_weights_equals_packing_from_file(
+    tiny_paths: dict[str, Path], fmt: str
+) -> None:
+    gf = GGUFFile(tiny_paths["gemma3"])
+    a, b = pack_weights(load_weights(gf), fmt), pack_segment(gf, None, fmt)
+    assert a.embedding is not None and b.embedding is not None
+    assert torch.equal(a.embedding, b.embedding)
+    for x, y in zip(a.blocks, b.blocks, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in y)
+    assert a.head is not None and b.head is not None
+    assert all(torch.equal(a.head[k], b.head[k]) for k in b.head)

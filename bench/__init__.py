@@ -1,0 +1,1 @@
+"""Benchmarks: each prints ratios of things measured side by side in one run, then one JSON line."""

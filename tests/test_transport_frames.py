@@ -42,7 +42,6 @@ from transport.messages import (
     Heartbeat,
     Load,
     PeerAddress,
-    PeerList,
     Ping,
     Tokens,
 )
@@ -101,7 +100,9 @@ SETTINGS = settings(
 @pytest.mark.parametrize("name", sorted(REGISTRY.by_name))
 @SETTINGS
 @given(data=st.data(), kind=st.sampled_from(list(Kind)), rid=st.integers(0, 2**63 - 1))
-def test_every_message_type_round_trips(name: str, data: st.DataObject, kind: Kind, rid: int) -> None:
+def test_every_message_type_round_trips(
+    name: str, data: st.DataObject, kind: Kind, rid: int
+) -> None:
     msg = data.draw(message_strategy(REGISTRY.by_name[name]))
     frame = roundtrip(msg, kind, rid)
     assert frame.kind is kind and frame.request_id == rid
@@ -110,11 +111,17 @@ def test_every_message_type_round_trips(name: str, data: st.DataObject, kind: Ki
 
 @pytest.mark.parametrize(
     ("dtype", "lib"),
-    [(d, lib) for d in sorted(WIRE_DTYPES) for lib in ("np", "pt") if (d, lib) != ("bfloat16", "np")],
+    [
+        (d, lib)
+        for d in sorted(WIRE_DTYPES)
+        for lib in ("np", "pt")
+        if (d, lib) != ("bfloat16", "np")
+    ],
 )
 @SETTINGS
 @given(data=st.data())
-def test_tensors_of_every_dtype_round_trip(dtype: str, lib: str, data: st.DataObject) -> None:    first = data.draw(tensors(dtype, lib))
+def test_tensors_of_every_dtype_round_trip(dtype: str, lib: str, data: st.DataObject) -> None:
+    first = data.draw(tensors(dtype, lib))
     second = data.draw(st.none() | tensors())
     msg = Everything(1, 0.5, "n", b"b", True, None, (), {}, (), Load(), first, second)
     got = roundtrip(msg).message
@@ -133,7 +140,9 @@ def test_tensors_are_neither_msgpack_lists_nor_copied() -> None:
     # The payloads go out as views of the tensors' own memory...
     payload_views = [b for b in buffers if isinstance(b, memoryview)]
     assert any(np.shares_memory(np.frombuffer(v, np.uint8), hidden) for v in payload_views)
-    assert any(np.shares_memory(np.frombuffer(v, np.uint8), positions.numpy()) for v in payload_views)
+    assert any(
+        np.shares_memory(np.frombuffer(v, np.uint8), positions.numpy()) for v in payload_views
+    )
     data = b"".join(buffers)
     header = header_of(data)
     # ...described, not carried, by the header.
@@ -151,7 +160,9 @@ def test_tensors_are_neither_msgpack_lists_nor_copied() -> None:
 
 
 def test_decoded_tensor_writes_land_in_frame_buffer() -> None:
-    body = bytearray(encode_frame_bytes(Frame(Kind.NOTIFY, 0, Tokens("s", np.zeros(4, np.int32))), LIMITS)[4:])
+    body = bytearray(
+        encode_frame_bytes(Frame(Kind.NOTIFY, 0, Tokens("s", np.zeros(4, np.int32))), LIMITS)[4:]
+    )
     got = decode_body(body, REGISTRY, LIMITS).message
     assert isinstance(got, Tokens)
     got.tokens[:] = 7
@@ -197,7 +208,9 @@ def test_header_size_limit() -> None:
     assert info.value.code == "header_too_large"
     # A long header at the front of a large frame is found by reading in steps.
     long_header = bytearray(
-        encode_frame_bytes(Frame(Kind.NOTIFY, 0, Tokens("s" * 20000, np.zeros(3000, np.int64))), LIMITS)[4:]
+        encode_frame_bytes(
+            Frame(Kind.NOTIFY, 0, Tokens("s" * 20000, np.zeros(3000, np.int64))), LIMITS
+        )[4:]
     )
     assert decode_body(long_header, REGISTRY, LIMITS).message.session_id == "s" * 20000  # type: ignore[attr-defined]
     with pytest.raises(FrameError, match="header_too_large"):
@@ -260,7 +273,10 @@ def test_nested_field_errors_name_the_path() -> None:
     header = GOOD | {"m": "peer_list", "f": {"peers": [{"node_id": "a", "host": "h", "port": "x"}]}}
     with pytest.raises(FrameError, match=r"peer_list\.peers\[0\]\.port: expected int, got str"):
         decode_body(raw_body(header), REGISTRY, LIMITS)
-    header = GOOD | {"m": "heartbeat", "f": {"load": {"queue_depth": 1, "bogus": 1}, "sent_at": 0.0}}
+    header = GOOD | {
+        "m": "heartbeat",
+        "f": {"load": {"queue_depth": 1, "bogus": 1}, "sent_at": 0.0},
+    }
     with pytest.raises(FrameError, match=r"heartbeat\.load: unknown field"):
         decode_body(raw_body(header), REGISTRY, LIMITS)
 
@@ -354,7 +370,9 @@ def test_message_decorator_rejects_bad_definitions() -> None:
     seed=st.integers(0, 2**32),
 )
 def test_reader_splits_any_chunking(msgs: list[Tokens], seed: int) -> None:
-    data = b"".join(encode_frame_bytes(Frame(Kind.NOTIFY, i, m), LIMITS) for i, m in enumerate(msgs))
+    data = b"".join(
+        encode_frame_bytes(Frame(Kind.NOTIFY, i, m), LIMITS) for i, m in enumerate(msgs)
+    )
     reader = FrameReader(LIMITS)
     rng = random.Random(seed)
     got = []

@@ -12,6 +12,7 @@ Where multicast does not work, `--peer host:port` static peers bootstrap the mes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 SERVICE_TYPE: Final = "_sled._tcp.local."
 MAX_TXT_VALUE: Final = 200  # DNS caps one TXT string at 255 bytes, key included
 RESOLVE_TIMEOUT_MS: Final = 3000
+GOODBYE_TIMEOUT: Final = 1.0
 
 
 class DiscoveryError(TransportError):
@@ -192,7 +194,11 @@ class Discovery:
             self._browser = None
         if self._zc is not None:
             if self._info is not None:
-                await self._zc.async_unregister_service(self._info)
+                # The goodbye packets go out from a task; wait for them (bounded) so that
+                # other nodes drop the record now instead of when it expires.
+                sent = await self._zc.async_unregister_service(self._info)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(sent, GOODBYE_TIMEOUT)
             await self._zc.async_close()
             self._zc = None
 

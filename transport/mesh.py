@@ -225,8 +225,10 @@ class Mesh:
         existing = self._conns.get(peer.node_id)
         if existing is not None and existing.peer is not None:
             if not keep_new(existing.peer, peer, self.identity.node_id):
+                log.debug("second connection to %s: keeping the first", peer.node_id)
                 self._spawn(conn.close_with(DUPLICATE, "a connection to this peer exists"))
                 return
+            log.debug("second connection to %s: replacing the first", peer.node_id)
             self._conns[peer.node_id] = conn
             conn.add_close_callback(self._lost)
             self._spawn(existing.close_with(DUPLICATE, "replaced by the connection to keep"))

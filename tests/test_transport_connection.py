@@ -1,0 +1,354 @@
+"""Connections over loopback: requests, streams, cancellation, flow control, heartbeats,
+dead peers, bad frames."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from transport.auth import ClusterKey
+from transport.connection import (
+    Connection,
+    ConnectionConfig,
+    Context,
+    Identity,
+    Refused,
+    Timing,
+)
+from transport.endpoint import Listener, connect, listen
+from transport.errors import (
+    ConnectionClosedError,
+    DialError,
+    PeerDeadError,
+    RemoteError,
+    TransportError,
+    UnexpectedReplyError,
+)
+from transport.frames import (
+    PREFIX,
+    Frame,
+    Kind,
+    Limits,
+    body_length,
+    decode_body,
+    encode_frame_bytes,
+)
+from transport.messages import CORE_MESSAGES, Error, Load, Ping, Pong, Tokens
+from transport.runtime import run
+from transport.schema import Message
+
+KEY = ClusterKey.from_secret("connection-tests")
+FAST = ConnectionConfig(
+    timing=Timing(heartbeat_interval=0.1, dead_after=0.5, handshake_timeout=2.0)
+)
+
+
+@dataclass
+class Server:
+    """A test handler with knobs and counters."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    handled: int = 0
+    pushed: int = 0
+    active: int = 0
+    max_active: int = 0
+
+    async def __call__(self, msg: Message, ctx: Context) -> Message | None:
+        self.handled += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._serve(msg, ctx)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        finally:
+            self.active -= 1
+
+    async def _serve(self, msg: Message, ctx: Context) -> Message | None:
+        assert isinstance(msg, Tokens)
+        command = msg.session_id
+        if command == "double":
+            return Tokens("doubled", msg.tokens * 2)
+        if command == "refuse":
+            raise Refused("busy", "try another node")
+        if command == "crash":
+            raise ValueError("handler bug")
+        if command == "nothing":
+            return None
+        if command == "wrong_type":
+            return Pong(1)
+        if command == "block":
+            await asyncio.wait_for(self.release.wait(), 10)
+            return Tokens("released", msg.tokens)
+        if command == "count":
+            for i in range(int(msg.tokens[0])):
+                await ctx.push(Tokens("item", np.array([i])))
+                self.pushed += 1
+            return Tokens("last", np.array([-1]))
+        raise Refused("unknown", command)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[Server, Listener]]:
+    handler = Server()
+    listener = await listen("127.0.0.1", 0, Identity("server", KEY), handler=handler, config=FAST)
+    yield handler, listener
+    await listener.close()
+
+
+async def dial(listener: Listener, name: str = "client", **kwargs: object) -> Connection:
+    return await connect("127.0.0.1", listener.port, Identity(name, KEY), config=FAST, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_request_reply_and_every_failure_mode(server: tuple[Server, Listener]) -> None:
+    _, listener = server
+    conn = await dial(listener)
+    assert conn.peer is not None and conn.peer.node_id == "server" and conn.peer.dialed
+    reply = await conn.request(Tokens("double", np.arange(5)), Tokens)
+    assert reply.session_id == "doubled" and reply.tokens.tolist() == [0, 2, 4, 6, 8]
+    with pytest.raises(RemoteError) as info:
+        await conn.request(Tokens("refuse", np.zeros(1)), Tokens)
+    assert (info.value.code, info.value.text) == ("busy", "try another node")
+    with pytest.raises(RemoteError, match="handler_failed: ValueError: handler bug"):
+        await conn.request(Tokens("crash", np.zeros(1)), Tokens)
+    with pytest.raises(RemoteError, match="no_reply"):
+        await conn.request(Tokens("nothing", np.zeros(1)), Tokens)
+    with pytest.raises(UnexpectedReplyError, match="expected Tokens"):
+        await conn.request(Tokens("wrong_type", np.zeros(1)), Tokens)
+    assert 0 < await conn.ping() < 1.0
+    # The connection survived all of that.
+    assert (await conn.request(Tokens("double", np.ones(1)), Tokens)).tokens.tolist() == [2.0]
+    await conn.close()
+    with pytest.raises(ConnectionClosedError):
+        await conn.request(Ping(1), Pong)
+
+
+async def test_stream_respects_the_readers_window(server: tuple[Server, Listener]) -> None:
+    handler, listener = server
+    conn = await dial(listener)
+    got = []
+    max_outstanding = 0
+    async with conn.stream(Tokens("count", np.array([40])), window=4) as items:
+        async for item in items:
+            assert isinstance(item, Tokens)
+            got.append(int(item.tokens[0]))
+            await asyncio.sleep(0.005)  # a slow reader
+            max_outstanding = max(max_outstanding, handler.pushed - len(got))
+    assert got == [*range(40), -1]
+    assert max_outstanding <= 4  # the writer never ran more than a window ahead
+
+
+async def test_leaving_a_stream_early_cancels_it_at_the_peer(
+    server: tuple[Server, Listener],
+) -> None:
+    handler, listener = server
+    conn = await dial(listener)
+    async with conn.stream(Tokens("count", np.array([10_000])), window=2) as items:
+        async for item in items:
+            assert isinstance(item, Tokens)
+            if item.tokens[0] == 3:
+                break
+    await asyncio.wait_for(handler.cancelled.wait(), 2)
+    assert handler.pushed < 10
+    assert (await conn.request(Tokens("double", np.ones(1)), Tokens)).tokens.tolist() == [2.0]
+
+
+async def test_stream_errors_reach_the_reader(server: tuple[Server, Listener]) -> None:
+    _, listener = server
+    conn = await dial(listener)
+    with pytest.raises(RemoteError, match="busy"):
+        async with conn.stream(Tokens("refuse", np.zeros(1))) as items:
+            async for _ in items:
+                pass
+
+
+async def test_cancelling_a_request_cancels_the_handler(server: tuple[Server, Listener]) -> None:
+    handler, listener = server
+    conn = await dial(listener)
+    task = asyncio.create_task(conn.request(Tokens("block", np.zeros(1)), Tokens))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.wait_for(handler.cancelled.wait(), 2)
+    with pytest.raises(TimeoutError):
+        await conn.request(Tokens("block", np.zeros(1)), Tokens, timeout=0.2)
+    assert await conn.ping() > 0
+
+
+async def test_heartbeats_carry_load_figures() -> None:
+    load = Load(queue_depth=3, active_sessions=2, free_memory=123, load_avg=0.5)
+    listener = await listen(
+        "127.0.0.1", 0, Identity("server", KEY), config=FAST, load_source=lambda: load
+    )
+    try:
+        conn = await dial(listener)
+        for _ in range(50):
+            if conn.peer_load is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert conn.peer_load == load
+    finally:
+        await listener.close()
+
+
+class SilentConnection(Connection):
+    """A peer whose process froze after the handshake: it sends nothing more."""
+
+    async def _heartbeat_loop(self) -> None:
+        await asyncio.sleep(30)
+
+
+async def test_silent_peer_is_declared_dead_and_waiters_fail() -> None:
+    loop = asyncio.get_running_loop()
+    slow = Server()
+    server = await loop.create_server(
+        lambda: SilentConnection(Identity("frozen", KEY), slow, FAST, dialer=False),
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn = await connect("127.0.0.1", port, Identity("client", KEY), config=FAST)
+        start = time.monotonic()
+        with pytest.raises(PeerDeadError, match="frozen.*sent nothing for"):
+            await conn.request(Tokens("block", np.zeros(1)), Tokens)
+        elapsed = time.monotonic() - start
+        assert elapsed < FAST.timing.dead_after + 0.5
+        assert isinstance(conn.close_error, PeerDeadError)
+    finally:
+        slow.release.set()
+        server.close()
+
+
+async def test_bad_frame_closes_only_that_peers_connection(server: tuple[Server, Listener]) -> None:
+    _, listener = server
+    bad, good = await dial(listener, "bad"), await dial(listener, "good")
+    assert bad._transport is not None
+    bad._transport.write(PREFIX.pack(5) + b"\xc1\xc1\xc1\xc1\xc1")  # not msgpack
+    await asyncio.wait_for(bad.wait_closed(), 2)
+    assert bad.remote_close_code == "bad_header"
+    assert "closed by the peer: bad_header" in str(bad.close_error)
+    assert (await good.request(Tokens("double", np.ones(2)), Tokens)).tokens.tolist() == [2, 2]
+    late = await dial(listener, "late")
+    assert await late.ping() > 0
+
+
+async def read_error_frame(reader: asyncio.StreamReader) -> Error:
+    prefix = await asyncio.wait_for(reader.readexactly(4), 2)
+    body = await asyncio.wait_for(reader.readexactly(body_length(prefix, Limits())), 2)
+    frame = decode_body(bytearray(body), CORE_MESSAGES, Limits())
+    assert isinstance(frame.message, Error)
+    return frame.message
+
+
+async def test_4gib_length_prefix_over_a_socket(server: tuple[Server, Listener]) -> None:
+    _, listener = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    writer.write(b"\xff\xff\xff\xff" + b"x" * 100)
+    error = await read_error_frame(reader)
+    assert error.code == "frame_too_large" and "4294967295" in error.text
+    assert await asyncio.wait_for(reader.read(), 2) == b""  # then closed
+    writer.close()
+    assert await (await dial(listener)).ping() > 0
+
+
+async def test_slow_reader_pauses_the_writer() -> None:
+    handler = Server()
+    config = ConnectionConfig(
+        timing=FAST.timing, max_inflight=1, write_high=256 * 1024, write_low=64 * 1024
+    )
+    listener = await listen("127.0.0.1", 0, Identity("server", KEY), handler=handler, config=config)
+    try:
+        conn = await connect("127.0.0.1", listener.port, Identity("client", KEY), config=config)
+        payload = np.zeros(1 << 17, np.int64)  # 1 MiB per frame
+        sent = 0
+        blocked = False
+        for _ in range(200):  # the kernel buffers a few MiB at most before the writer must wait
+            try:
+                await asyncio.wait_for(conn.notify(Tokens("block", payload)), 0.3)
+                sent += 1
+            except TimeoutError:
+                sent += 1  # written into the buffer; only the wait for room timed out
+                blocked = True
+                break
+        assert blocked, "the writer never had to wait for a reader that stopped reading"
+        assert conn._transport is not None
+        assert conn._transport.get_write_buffer_size() <= config.write_high + payload.nbytes + 4096
+        assert handler.handled == 1  # the server stopped reading after max_inflight handlers
+        assert conn.is_open  # a paused reader is not a dead peer (heartbeats still flow)
+        handler.release.set()
+        for _ in range(200):
+            if handler.handled == sent:
+                break
+            await asyncio.sleep(0.05)
+        assert handler.handled == sent
+        assert handler.max_active == 1
+    finally:
+        handler.release.set()
+        await listener.close()
+
+
+async def test_closing_fails_pending_requests_promptly(server: tuple[Server, Listener]) -> None:
+    handler, listener = server
+    conn = await dial(listener)
+    task = asyncio.create_task(conn.request(Tokens("block", np.zeros(1)), Tokens))
+    await asyncio.sleep(0.05)
+    await listener.close()
+    with pytest.raises(ConnectionClosedError):
+        await asyncio.wait_for(task, 2)
+    handler.release.set()
+
+
+async def test_dial_errors_are_typed() -> None:
+    listener = await listen("127.0.0.1", 0, Identity("server", KEY))
+    port = listener.port
+    await listener.close()
+    with pytest.raises(DialError, match=f"cannot connect to 127.0.0.1:{port}"):
+        await connect("127.0.0.1", port, Identity("client", KEY), timeout=1)
+
+
+async def test_frames_before_authentication_are_refused(server: tuple[Server, Listener]) -> None:
+    handler, listener = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    writer.write(encode_frame_bytes(Frame(Kind.REQUEST, 1, Tokens("double", np.ones(1))), Limits()))
+    error = await read_error_frame(reader)
+    assert error.code == "auth_required"
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+    assert handler.handled == 0
+
+
+def test_works_on_uvloop() -> None:
+    async def scenario() -> list[int]:
+        handler = Server()
+        listener = await listen("127.0.0.1", 0, Identity("server", KEY), handler=handler)
+        conn = await connect("127.0.0.1", listener.port, Identity("client", KEY))
+        loop_name = type(asyncio.get_running_loop()).__module__
+        items = []
+        async with conn.stream(Tokens("count", np.array([5])), window=2) as stream:
+            async for item in stream:
+                assert isinstance(item, Tokens)
+                items.append(int(item.tokens[0]))
+        reply = await conn.request(Tokens("double", np.arange(3)), Tokens)
+        await listener.close()
+        assert loop_name.startswith("uvloop")
+        return items + reply.tokens.tolist()
+
+    assert run(scenario()) == [0, 1, 2, 3, 4, -1, 0, 2, 4]
+
+
+def test_transport_errors_share_a_base() -> None:
+    for error in (
+        ConnectionClosedError,
+        PeerDeadError,
+        RemoteError,
+        DialError,
+        UnexpectedReplyError,
+    ):
+        assert issubclass(error, TransportError)

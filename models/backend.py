@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -66,11 +66,14 @@ def load_backend(
     threads: int = 0,
     cache_root: Path | None = None,
     use_cache: bool = True,
+    purpose: Literal["decode", "verify"] = "decode",
 ) -> Backend:
     """Load layers [a, b) (default: all) of a GGUF model into an execution backend.
 
     Converted weights come from the on-disk weight cache when present (see models.weight_cache);
     `use_cache=False` converts from the GGUF without reading or writing the cache.
+    `backend="auto"` takes the (backend, weights) pair measured fastest for `purpose` on this
+    machine (see models.backend_choice; measured once per model, then cached).
     """
     from models.weight_cache import WeightCache
     from models.weight_formats import pack_segment
@@ -83,8 +86,13 @@ def load_backend(
         raise ValueError(f"threads must be >= 0, got {threads}")
     if threads > 0:
         torch.set_num_threads(threads)
-    fmt = default_weight_format(backend) if weights == "auto" else weights
     path = Path(model_path)
+    if backend == "auto":
+        from models.backend_choice import CANDIDATES, auto_backend
+
+        candidates = [c for c in CANDIDATES if weights in ("auto", c[1])] or [("torch", weights)]
+        backend, weights = auto_backend(path, purpose, threads, candidates)
+    fmt = default_weight_format(backend) if weights == "auto" else weights
     if backend == "onnx":
         from models.onnx_backend import load_onnx_backend
 

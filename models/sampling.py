@@ -44,6 +44,18 @@ def make_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The generator for the token at absolute `position` of a seeded session.
+
+    Keying the randomness by (seed, position) instead of one running generator makes a reply a
+    pure function of (model, prompt, params): a node that takes over a session mid-stream, or a
+    verifier that samples several positions in one pass, draws exactly what an uninterrupted
+    single-process run would have drawn.
+    """
+    mixed = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution to sample from, float32, same shape as logits [..., vocab]."""
     logits = logits.float()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from models.config import ModelConfig, UnsupportedModelError, config_from_metadata
+from models.int4_blocks import INT4_SOURCE_TYPES, Int4Groups, int4_groups
 
 # GGUF per-block tensor names (after "blk.N.") -> the decoder's names. Optional ones depend on
 # the architecture (biases for qwen2, q/k norms and post-norms for gemma3).
@@ -192,6 +193,43 @@ class GGUFFile:
             elif c.qk_permuted and ours in ("wk", "bk"):
                 arr = unpermute_rope_rows(arr, c.n_kv_heads)
             out[ours] = _to_torch(arr, dtype)
+        return out
+
+    def int4_groups(self, name: str) -> Int4Groups | None:
+        """The tensor's own 4-bit codes and group maps, if it is stored in a 4-bit block type."""
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            raise GGUFFormatError(f"{self.path.name} has no tensor {name!r}")
+        if tensor.tensor_type not in INT4_SOURCE_TYPES:
+            return None
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if len(shape) != 2:
+            raise GGUFFormatError(f"{name} has shape {shape}, expected a matrix")
+        return int4_groups(tensor.tensor_type, tensor.data, (shape[0], shape[1]))
+
+    def block_int4(self, index: int) -> dict[str, Int4Groups]:
+        """Layer `index`'s matrices that the file stores in 4-bit blocks (decoder names)."""
+        c = self.config
+        out: dict[str, Int4Groups] = {}
+        for suffix, ours in BLOCK_TENSORS.items():
+            if not suffix.endswith(".weight") or ours not in (
+                "wq",
+                "wk",
+                "wv",
+                "wo",
+                "w_gate",
+                "w_up",
+                "w_down",
+            ):
+                continue
+            groups = self.int4_groups(f"blk.{index}.{suffix}")
+            if groups is None:
+                continue
+            if c.qk_permuted and ours in ("wq", "wk"):
+                heads = c.n_heads if ours == "wq" else c.n_kv_heads
+                rows = np.arange(groups.codes.shape[0])[:, None]
+                groups = groups.take_rows(unpermute_rope_rows(rows, heads)[:, 0])
+            out[ours] = groups
         return out
 
     def final_norm(self, dtype: torch.dtype) -> torch.Tensor:

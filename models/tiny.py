@@ -1,9 +1,9 @@
 """Tiny random-weight GGUF models (llama, qwen2, gemma3) for tests and fast local clusters.
 
 They use the real architectures' metadata keys and tensor names, so the real loader runs on
-them, and store their tensors in a mix of ggml types (F32, F16, BF16, Q8_0, Q5_0, Q4_0) so
-dequantization is exercised. (gguf's Python code cannot quantize K-quants; the real-model tests
-cover Q4_K/Q6_K.) Weights are seeded and scaled so that logits are peaked: greedy argmax is
+them, and store their tensors in a mix of ggml types (F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q4_1)
+so dequantization is exercised and the int4 format has 4-bit blocks to transcode. (gguf's Python
+code cannot quantize K-quants; the real-model tests cover Q4_K/Q6_K.) Weights are seeded and scaled so that logits are peaked: greedy argmax is
 decided by real margins, not float noise.
 """
 
@@ -67,8 +67,10 @@ SPECS: dict[str, TinySpec] = {
     ),
 }  # fmt: skip
 
-# Types cycled over the matrices of each block, so every type appears in every model.
-MATRIX_TYPES = (Q.Q8_0, Q.F16, Q.BF16, Q.Q5_0, Q.F32, Q.Q4_0, Q.Q8_0)
+# Types cycled over the 7 matrices of each block (the cycle of 8 shifts by one type per layer), so
+# every type appears in every model, and some fused groups (layer 3's q/k/v) are all 4-bit while
+# others mix 4-bit and wider types, as in real Q4_K_M files.
+MATRIX_TYPES = (Q.Q8_0, Q.F16, Q.BF16, Q.Q5_0, Q.F32, Q.Q4_0, Q.Q4_1, Q.Q4_0)
 
 # Init scales. The embedding/head scale makes logits peaked (std ~5 over the vocabulary).
 EMBED_STD = 0.6

@@ -74,11 +74,19 @@ def test_tensors_read_back_exactly(tiny_path: Path, tiny_arch: str) -> None:
         assert got.shape == t.values.shape, t.name
         np.testing.assert_array_equal(got, expected.reshape(t.values.shape), err_msg=t.name)
         # And close to the float values written (quantization error only).
-        tol = {Q.F32: 0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 0.1, Q.Q4_0: 0.2}
+        tol = {
+            Q.F32: 0,
+            Q.F16: 1e-3,
+            Q.BF16: 1e-2,
+            Q.Q8_0: 2e-2,
+            Q.Q5_0: 0.1,
+            Q.Q4_0: 0.2,
+            Q.Q4_1: 0.2,
+        }
         scale = float(np.abs(t.values).max())
         assert np.abs(got - t.values).max() <= tol[t.qtype] * scale, (t.name, t.qtype.name)
         seen.add(gf.tensors[t.name].tensor_type.name)
-    assert {"F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0"} <= seen
+    assert {"F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0", "Q4_1"} <= seen
 
 
 def test_llama_qk_rows_are_unpermuted(tiny_paths: dict[str, Path]) -> None:
@@ -229,3 +237,20 @@ def test_config_from_metadata_is_pure_and_checks_fields() -> None:
         config_from_metadata({}, SHAPES)
     with pytest.raises(UnsupportedModelError, match="token_embd.weight has shape"):
         config_from_metadata(_fields(), {**SHAPES, "token_embd.weight": (100, 32)})
+
+
+def test_int4_groups_equal_dequantized_weights(tiny_paths: dict[str, Path]) -> None:
+    """4-bit codes + maps read from the blocks reproduce the dequantized (and, for llama,
+    un-permuted) matrices."""
+    count = 0
+    for arch in ("llama", "qwen2"):
+        gf = GGUFFile(tiny_paths[arch])
+        for i in range(gf.config.n_layers):
+            block = gf.block(i, torch.float32)
+            for name, groups in gf.block_int4(i).items():
+                np.testing.assert_allclose(
+                    groups.dequantize(), block[name].numpy(), rtol=1e-6, atol=1e-7
+                )
+                count += 1
+    assert count >= 8
+    assert GGUFFile(tiny_paths["qwen2"]).int4_groups("blk.0.attn_q.weight") is None  # Q8_0

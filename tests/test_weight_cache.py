@@ -106,7 +106,7 @@ def test_missing_file(tmp_path: Path) -> None:
         WeightCache(tmp_path).load_segment(tmp_path / "nope.gguf", None, "bf16")
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_packing_loaded_weights_equals_packing_from_file(
     tiny_paths: dict[str, Path], fmt: str
 ) -> None:

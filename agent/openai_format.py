@@ -42,11 +42,13 @@ class OpenAIRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk carrying usage
 
 
-def _content_text(content: Any, index: int) -> str:
+def _content_text(content: Any, index: int, role: str) -> str:
     """A message's content: a string, or an array of text parts (images are refused)."""
     param = f"messages[{index}].content"
     if content is None:
-        return ""
+        if role == "assistant":  # an assistant turn that only called tools has null content
+            return ""
+        raise InvalidFieldError(f"'{param}' is required for a {role} message", param)
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -82,7 +84,7 @@ def parse_messages(value: Any) -> tuple[ChatMessage, ...]:
         messages.append(
             ChatMessage(
                 "system" if role == "developer" else role,
-                _content_text(message.get("content"), i),
+                _content_text(message.get("content"), i, role),
             )
         )
     return tuple(messages)

@@ -28,6 +28,12 @@ def _generate(args: argparse.Namespace) -> int:
     return cmd_generate(args)
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from agent.chat_client import cmd_chat
+
+    return cmd_chat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sled", description="Run a large language model across a group of small devices."
@@ -65,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="chat with the cluster through any node's OpenAI API")
+    chat.add_argument("--url", default="http://127.0.0.1:8080", help="the node's API address")
+    chat.add_argument("--model", default=None, help="model name (default: the node's first)")
+    chat.add_argument("--system", default=None, help="a system message to start with")
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a token")
+    chat.add_argument(
+        "-m", "--message", action="append", default=[],
+        help="send this message instead of reading stdin (repeat for more turns)",
+    )  # fmt: skip
+    chat.set_defaults(func=_chat)
     return parser
 
 

@@ -403,3 +403,30 @@ def test_fuzz_campaign_quick_subset() -> None:
     assert result["inputs"] == 3000
     assert result["crashes"] == 0, result["first_crashes"][:1]
     assert result["typed_errors"] > 0 and result["decoded"] > 0
+
+
+def _read_one(reader: FrameReader, data: bytes) -> Tokens:
+    pos = 0
+    while True:
+        buf = reader.get_buffer()
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        bodies = reader.feed(n)
+        if bodies:
+            msg = decode_body(bodies[0], REGISTRY, LIMITS).message
+            assert isinstance(msg, Tokens)
+            return msg
+
+
+def test_large_frame_buffers_are_reused_only_once_released() -> None:
+    reader = FrameReader(LIMITS)
+    data = encode_frame_bytes(Frame(Kind.NOTIFY, 0, Tokens("s", np.arange(20_000))), LIMITS)
+    first = _read_one(reader, data).tokens
+    held_address = first.ctypes.data
+    second = _read_one(reader, data).tokens
+    assert second.ctypes.data != held_address  # `first` still views its buffer
+    del first
+    third = _read_one(reader, data).tokens
+    assert third.ctypes.data == held_address  # released, so recycled
+    assert third.tolist() == list(range(20_000)) and second.tolist() == list(range(20_000))

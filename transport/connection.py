@@ -41,7 +41,7 @@ from transport.errors import (
     TransportError,
     UnexpectedReplyError,
 )
-from transport.frames import Frame, Kind, Limits, decode_body, encode_frame
+from transport.frames import Codec, Frame, Kind, Limits
 from transport.load import system_load
 from transport.messages import (
     AUTH_MESSAGES,
@@ -257,6 +257,7 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader(self.config.limits)
+        self._codec = Codec(self.config.registry, self.config.limits)
         self._state = HANDSHAKE
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -324,11 +325,15 @@ class Connection(asyncio.BufferedProtocol):
         seconds, ConnectionClosedError / PeerDeadError if the connection ends first.
         Cancelling the caller cancels the request at the peer.
         """
-        rid = self._new_id()
+        rid = next(self._ids)
         future: asyncio.Future[Message] = self._loop.create_future()
         self._pending[rid] = future
         try:
-            await self._send(Kind.REQUEST, rid, msg)
+            if self._state != OPEN:
+                raise self._not_open()
+            self._write(Kind.REQUEST, rid, msg)  # inlined _send: this is the round-trip path
+            if not self._writable.is_set():
+                await self._wait_writable()
             reply = await (future if timeout is None else asyncio.wait_for(future, timeout))
         except BaseException:
             if self._pending.pop(rid, None) is not None:
@@ -417,12 +422,12 @@ class Connection(asyncio.BufferedProtocol):
         except FrameError as exc:
             self._violation(exc)
             return
-        registry, limits = self.config.registry, self.config.limits
+        decode = self._codec.decode
         for body in bodies:
             if self._state not in (HANDSHAKE, OPEN):
                 return
             try:
-                frame = decode_body(body, registry, limits)
+                frame = decode(body)
             except FrameError as exc:
                 self._violation(exc)
                 return
@@ -702,25 +707,35 @@ class Connection(asyncio.BufferedProtocol):
         """Queues a frame without waiting (FrameError if the message is invalid)."""
         if self._transport is None or self._state in (CLOSING, CLOSED):
             raise self._closed_error()
-        self._transport.writelines(encode_frame(Frame(kind, rid, msg), self.config.limits))
+        buffers = self._codec.encode(kind, rid, msg)
+        if len(buffers) == 1:
+            self._transport.write(buffers[0])
+        else:
+            self._transport.writelines(buffers)
 
     def _write_quietly(self, kind: Kind, rid: int, msg: Message) -> None:
         """Like _write, for control frames whose loss a closing connection makes moot."""
-        with contextlib.suppress(ConnectionClosedError):
+        try:  # noqa: SIM105 (hot path: contextlib.suppress costs a context manager per frame)
             self._write(kind, rid, msg)
+        except ConnectionClosedError:
+            pass
 
     async def _send(self, kind: Kind, rid: int, msg: Message) -> None:
         if self._state != OPEN:
-            if self._state == HANDSHAKE:
-                raise ConnectionClosedError(
-                    f"connection to {self.address} is not authenticated yet"
-                )
-            raise self._closed_error()
+            raise self._not_open()
         self._write(kind, rid, msg)
         if not self._writable.is_set():
-            await self._writable.wait()
-            if self._state != OPEN:
-                raise self._closed_error()
+            await self._wait_writable()
+
+    async def _wait_writable(self) -> None:
+        await self._writable.wait()
+        if self._state != OPEN:
+            raise self._closed_error()
+
+    def _not_open(self) -> TransportError:
+        if self._state == HANDSHAKE:
+            return ConnectionClosedError(f"connection to {self.address} is not authenticated yet")
+        return self._closed_error()
 
     def _cancel_remote(self, rid: int) -> None:
         if self._state == OPEN:
@@ -787,9 +802,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if send is not None and not abort:
             with contextlib.suppress(FrameError, RuntimeError):
-                self._transport.writelines(
-                    encode_frame(Frame(Kind.NOTIFY, 0, send), self.config.limits)
-                )
+                self._transport.writelines(self._codec.encode(Kind.NOTIFY, 0, send))
         if abort:
             self._transport.abort()
         else:

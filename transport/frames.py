@@ -17,9 +17,11 @@ Tensors never go through msgpack: the receiver views them in the frame's buffer,
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final, TypeAlias
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import msgpack
 import numpy as np
@@ -47,6 +49,7 @@ _PAD: Final = bytes(ALIGN)
 _HEADER_KEYS: Final = frozenset({"v", "k", "i", "m", "f", "t"})
 _REQUIRED_KEYS: Final = frozenset({"v", "k", "i", "m", "f"})
 _FIRST_HEADER_READ: Final = 4096
+_NO_TENSORS: Final[Mapping[str, object]] = MappingProxyType({})
 
 
 class Kind(IntEnum):
@@ -78,8 +81,9 @@ class Limits:
             raise ValueError("max_tensors must be >= 0")
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
+    """One decoded frame (a NamedTuple: immutable, and cheaper to build on the hot path)."""
+
     kind: Kind
     request_id: int
     message: Message
@@ -91,44 +95,7 @@ def _aligned(n: int) -> int:
 
 def encode_frame(frame: Frame, limits: Limits) -> list[bytes | memoryview]:
     """Buffers to write in order (length prefix included); tensor memory is shared, not copied."""
-    schema = schema_of(frame.message)
-    plain, tensors = schema.split(frame.message)
-    header: dict[str, object] = {
-        "v": PROTOCOL_VERSION,
-        "k": int(frame.kind),
-        "i": frame.request_id,
-        "m": schema.name,
-        "f": plain,
-    }
-    views: list[memoryview] = []
-    if tensors:
-        if len(tensors) > limits.max_tensors:
-            raise FrameError(
-                "too_many_tensors", f"{len(tensors)} tensors, limit {limits.max_tensors}"
-            )
-        specs = []
-        for name, value in tensors:
-            dtype, shape, lib, view = to_wire(value)
-            specs.append([name, dtype, list(shape), view.nbytes, lib])
-            views.append(view)
-        header["t"] = specs
-    packed = msgpack.packb(header)
-    if len(packed) > limits.max_header:
-        raise FrameError(
-            "header_too_large", f"header of {len(packed)} bytes, limit {limits.max_header}"
-        )
-    head_len = _aligned(len(packed)) if views else len(packed)
-    body_len = head_len + sum(_aligned(v.nbytes) for v in views)
-    if body_len > limits.max_frame:
-        raise FrameError("frame_too_large", f"frame of {body_len} bytes, limit {limits.max_frame}")
-    first = PREFIX.pack(body_len) + packed + _PAD[: head_len - len(packed)]
-    out: list[bytes | memoryview] = [first]
-    for view in views:
-        out.append(view)
-        pad = _aligned(view.nbytes) - view.nbytes
-        if pad:
-            out.append(_PAD[:pad])
-    return out
+    return Codec(Registry.of([]), limits).encode(*frame)
 
 
 def encode_frame_bytes(frame: Frame, limits: Limits) -> bytes:
@@ -158,7 +125,11 @@ def _unpack_header(body: memoryview, limits: Limits) -> tuple[object, int]:
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise FrameError("bad_header", f"header is not valid msgpack ({exc})") from None
     unpacker = msgpack.Unpacker(
-        raw=False, use_list=False, strict_map_key=True, max_buffer_size=limits.max_header
+        raw=False,
+        use_list=False,
+        strict_map_key=True,
+        read_size=min(_FIRST_HEADER_READ, limits.max_header),  # else it mallocs max_header
+        max_buffer_size=limits.max_header,
     )
     fed = 0
     step = _FIRST_HEADER_READ
@@ -221,43 +192,124 @@ def _tensor_specs(raw: object, limits: Limits) -> list[tuple[str, str, tuple[int
 def decode_body(body: Body, registry: Registry, limits: Limits) -> Frame:
     """A frame from its body (the bytes after the length prefix). Never raises anything but
     FrameError. Tensors in the result are views into `body`, which they keep alive."""
-    if len(body) > limits.max_frame:
-        raise FrameError("frame_too_large", f"frame of {len(body)} bytes, limit {limits.max_frame}")
-    view = memoryview(body) if isinstance(body, bytearray) else body.data
-    header, used = _unpack_header(view, limits)
-    if not isinstance(header, dict):
-        raise FrameError("bad_header", f"header must be a map, got {type(header).__name__}")
-    keys = header.keys()
-    if not _REQUIRED_KEYS <= keys <= _HEADER_KEYS:
-        missing = sorted(_REQUIRED_KEYS - keys)
-        unknown = sorted(str(k) for k in keys - _HEADER_KEYS)
-        raise FrameError("bad_header", f"header lacks keys {missing} / has unknown keys {unknown}")
-    version, kind_value, request_id, name = header["v"], header["k"], header["i"], header["m"]
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise FrameError(
-            "bad_version",
-            f"protocol version {version!r} is not supported (this node speaks {PROTOCOL_VERSION})",
-        )
-    if type(kind_value) is not int or not 0 <= kind_value < len(_KINDS):
-        raise FrameError("bad_header", f"unknown frame kind {kind_value!r}")
-    if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
-        raise FrameError("bad_header", f"request id {request_id!r} is not an integer in [0, 2**63)")
-    if type(name) is not str:
-        raise FrameError("bad_header", "message type ('m') must be a string")
-    schema = registry.get(name)
-    if schema is None:
-        raise FrameError("unknown_type", f"unknown message type {name!r}")
-    specs = _tensor_specs(header["t"], limits) if "t" in keys else []
-    offset = _aligned(used) if specs else used
-    expected = offset + sum(_aligned(s[3]) for s in specs)
-    if expected != len(body):
-        raise FrameError(
-            "length_mismatch", f"frame has {len(body)} bytes, its header describes {expected}"
-        )
-    tensors: dict[str, object] = {}
-    for tname, dtype, shape, nbytes, lib in specs:
-        if tname in tensors:
-            raise FrameError("bad_tensor", f"{name}: tensor {tname!r} sent twice")
-        tensors[tname] = from_wire(view, offset, dtype, shape, lib)
-        offset += _aligned(nbytes)
-    return Frame(_KINDS[kind_value], request_id, schema.build(header["f"], tensors))
+    return Codec(registry, limits).decode(body)
+
+
+class Codec:
+    """Encoder and decoder for one connection (reuses its msgpack packer between frames)."""
+
+    def __init__(self, registry: Registry, limits: Limits) -> None:
+        self.limits = limits
+        self._schemas = dict(registry.by_name)
+        self._packer = msgpack.Packer(autoreset=True)
+
+    def encode(self, kind: Kind, request_id: int, message: Message) -> list[bytes | memoryview]:
+        """Buffers to write in order (length prefix included); tensors are not copied."""
+        schema = schema_of(message)
+        plain, tensors = schema.split(message)
+        header: dict[str, object] = {
+            "v": PROTOCOL_VERSION,
+            "k": int(kind),
+            "i": request_id,
+            "m": schema.name,
+            "f": plain,
+        }
+        limits = self.limits
+        if not tensors:
+            packed = self._packer.pack(header)
+            if len(packed) > limits.max_header:
+                raise FrameError(
+                    "header_too_large", f"header of {len(packed)} bytes, limit {limits.max_header}"
+                )
+            if len(packed) > limits.max_frame:
+                raise FrameError(
+                    "frame_too_large", f"frame of {len(packed)} bytes, limit {limits.max_frame}"
+                )
+            return [PREFIX.pack(len(packed)) + packed]
+        if len(tensors) > limits.max_tensors:
+            raise FrameError(
+                "too_many_tensors", f"{len(tensors)} tensors, limit {limits.max_tensors}"
+            )
+        views: list[memoryview] = []
+        specs = []
+        for name, value in tensors:
+            dtype, shape, lib, view = to_wire(value)
+            specs.append([name, dtype, list(shape), view.nbytes, lib])
+            views.append(view)
+        header["t"] = specs
+        packed = self._packer.pack(header)
+        if len(packed) > limits.max_header:
+            raise FrameError(
+                "header_too_large", f"header of {len(packed)} bytes, limit {limits.max_header}"
+            )
+        head_len = _aligned(len(packed))
+        body_len = head_len + sum(_aligned(v.nbytes) for v in views)
+        if body_len > limits.max_frame:
+            raise FrameError(
+                "frame_too_large", f"frame of {body_len} bytes, limit {limits.max_frame}"
+            )
+        out: list[bytes | memoryview] = [
+            PREFIX.pack(body_len) + packed + _PAD[: head_len - len(packed)]
+        ]
+        for view in views:
+            out.append(view)
+            pad = _aligned(view.nbytes) - view.nbytes
+            if pad:
+                out.append(_PAD[:pad])
+        return out
+
+    def decode(self, body: Body) -> Frame:
+        """See `decode_body`."""
+        limits = self.limits
+        size = len(body)
+        if size > limits.max_frame:
+            raise FrameError("frame_too_large", f"frame of {size} bytes, limit {limits.max_frame}")
+        view = memoryview(body) if isinstance(body, bytearray) else body.data
+        header, used = _unpack_header(view, limits)
+        if type(header) is not dict:
+            raise FrameError("bad_header", f"header must be a map, got {type(header).__name__}")
+        keys = header.keys()
+        if not _REQUIRED_KEYS <= keys <= _HEADER_KEYS:
+            missing = sorted(_REQUIRED_KEYS - keys)
+            unknown = sorted(str(k) for k in keys - _HEADER_KEYS)
+            raise FrameError(
+                "bad_header", f"header lacks keys {missing} / has unknown keys {unknown}"
+            )
+        version, kind_value, request_id, name = header["v"], header["k"], header["i"], header["m"]
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise FrameError(
+                "bad_version",
+                f"protocol version {version!r} is not supported "
+                f"(this node speaks {PROTOCOL_VERSION})",
+            )
+        if type(kind_value) is not int or not 0 <= kind_value < len(_KINDS):
+            raise FrameError("bad_header", f"unknown frame kind {kind_value!r}")
+        if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
+            raise FrameError(
+                "bad_header", f"request id {request_id!r} is not an integer in [0, 2**63)"
+            )
+        schema = self._schemas.get(name) if type(name) is str else None
+        if schema is None:
+            if type(name) is not str:
+                raise FrameError("bad_header", "message type ('m') must be a string")
+            raise FrameError("unknown_type", f"unknown message type {name!r}")
+        if "t" not in keys:
+            if used != size:
+                raise FrameError(
+                    "length_mismatch", f"frame has {size} bytes, its header describes {used}"
+                )
+            return Frame(_KINDS[kind_value], request_id, schema.build(header["f"], _NO_TENSORS))
+        specs = _tensor_specs(header["t"], limits)
+        offset = _aligned(used) if specs else used
+        expected = offset + sum(_aligned(s[3]) for s in specs)
+        if expected != size:
+            raise FrameError(
+                "length_mismatch", f"frame has {size} bytes, its header describes {expected}"
+            )
+        tensors: dict[str, object] = {}
+        for tname, dtype, shape, nbytes, lib in specs:
+            if tname in tensors:
+                raise FrameError("bad_tensor", f"{name}: tensor {tname!r} sent twice")
+            tensors[tname] = from_wire(view, offset, dtype, shape, lib)
+            offset += _aligned(nbytes)
+        return Frame(_KINDS[kind_value], request_id, schema.build(header["f"], tensors))

@@ -82,9 +82,55 @@ class ValueSpec:
         return Mismatch(f"expected {self.label}, got {type(value).__name__}")
 
 
+def _int(value: object) -> object:
+    # msgpack carries int64 and uint64; bool is an int to Python but not on the wire
+    if type(value) is int and -(2**63) <= value < 2**64:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**64:
+        return int(value)  # an IntEnum or other int subclass
+    raise _mismatch("int", value)
+
+
+def _float(value: object) -> object:
+    if type(value) is float:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise _mismatch("float", value)
+
+
+def _str(value: object) -> object:
+    if isinstance(value, str):
+        return value
+    raise _mismatch("str", value)
+
+
+def _bytes(value: object) -> object:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise _mismatch("bytes", value)
+
+
+def _bool(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    raise _mismatch("bool", value)
+
+
+def _mismatch(label: str, value: object) -> Mismatch:
+    return Mismatch(f"expected {label}, got {type(value).__name__}")
+
+
+_SCALAR_CHECKS: Mapping[type, Callable[[object], object]] = MappingProxyType(
+    {int: _int, float: _float, str: _str, bytes: _bytes, bool: _bool}
+)
+
+
 @dataclass(frozen=True)
 class ScalarSpec(ValueSpec):
-    """int, float, str, bytes or bool. bool is never accepted as int (msgpack tells them apart)."""
+    """int, float, str, bytes or bool: the same check both ways."""
 
     python_type: type
 
@@ -92,27 +138,11 @@ class ScalarSpec(ValueSpec):
     def label(self) -> str:  # type: ignore[override]
         return self.python_type.__name__
 
-    def _check(self, value: object) -> object:
-        kind = self.python_type
-        if kind is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        elif kind is int:
-            # msgpack carries int64 and uint64
-            if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**64:
-                return value
-        elif kind is bytes:
-            if isinstance(value, (bytes, bytearray, memoryview)):
-                return bytes(value)
-        elif isinstance(value, kind):
-            return value
-        raise self.mismatch(value)
-
-    def outgoing(self, value: object) -> object:
-        return self._check(value)
-
-    def incoming(self, value: object) -> object:
-        return self._check(value)
+    def __post_init__(self) -> None:
+        # Bound once: the checks run for every field of every frame.
+        check = _SCALAR_CHECKS[self.python_type]
+        object.__setattr__(self, "outgoing", check)
+        object.__setattr__(self, "incoming", check)
 
 
 @dataclass(frozen=True)

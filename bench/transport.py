@@ -1,0 +1,383 @@
+"""Transport bench: sled frames against raw sockets on the same loopback, side by side.
+
+    python bench/transport.py [--quick]
+
+Two figures, each measured for three senders in alternating rounds (best round kept):
+
+* throughput: N frames each carrying a 1.5 MiB tensor (an `activations` message), sent one
+  way, then one acknowledged sync. Raw baselines send the very same frame bytes and the
+  receiver only counts them (into one reused buffer): a blocking socket, and an asyncio
+  (uvloop) BufferedProtocol. sled decodes every frame into a numpy view and runs a handler.
+* round trip: a small request and its reply, one at a time. Raw baselines echo the bytes of a
+  ping frame with the bytes of a pong frame (no parsing); sled runs `Connection.ping()`, which
+  encodes, decodes, validates and matches the reply to its request id.
+
+Receiver and sender run in separate processes, pinned to separate cores when there are two.
+The ratios in the last line are sled / raw asyncio (uvloop) sockets, the baseline with the same
+event-loop machinery; the blocking-socket ratios are printed above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transport.auth import ClusterKey  # noqa: E402
+from transport.connection import Context, Identity  # noqa: E402
+from transport.endpoint import connect, listen  # noqa: E402
+from transport.frames import Frame, Kind, Limits, encode_frame_bytes  # noqa: E402
+from transport.messages import Activations, Ping, Pong, Tokens  # noqa: E402
+from transport.runtime import run  # noqa: E402
+from transport.schema import Message  # noqa: E402
+
+TENSOR_SHAPE = (256, 1536)  # float32: 1.5 MiB
+KEY_SECRET = "bench-transport"
+MODES = ("raw-block", "raw-uvloop", "sled")
+
+
+def payload() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(TENSOR_SHAPE, dtype=np.float32)
+
+
+def frame_bytes() -> tuple[bytes, bytes, bytes]:
+    """(activations frame, ping frame, pong frame): the bytes the raw baselines move."""
+    limits = Limits()
+    data = payload()
+    act = encode_frame_bytes(
+        Frame(Kind.NOTIFY, 0, Activations("bench", np.arange(TENSOR_SHAPE[0]), data)), limits
+    )
+    ping = encode_frame_bytes(Frame(Kind.REQUEST, 1, Ping(1)), limits)
+    pong = encode_frame_bytes(Frame(Kind.REPLY, 1, Pong(1)), limits)
+    return act, ping, pong
+
+
+def pin(core: int) -> None:
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[core % len(cores)]})
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        got += n
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def serve_blocking(sock: socket.socket) -> None:
+    _, ping, pong = frame_bytes()
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    while True:
+        conn, _ = sock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            head = bytearray(9)
+            recv_exact(conn, memoryview(head))
+            kind, total = head[:1], int.from_bytes(head[1:], "big")
+            if kind == b"T":  # count `total` bytes, then acknowledge
+                got = 0
+                while got < total:
+                    n = conn.recv_into(view[: min(len(buf), total - got)])
+                    if n == 0:
+                        break
+                    got += n
+                conn.sendall(b"k")
+            else:  # echo `total` pings with pongs
+                ping_view = memoryview(bytearray(len(ping)))
+                for _ in range(total):
+                    recv_exact(conn, ping_view)
+                    conn.sendall(pong)
+
+
+class RawUvloopServer(asyncio.BufferedProtocol):
+    def __init__(self) -> None:
+        _, self.ping, self.pong = frame_bytes()
+        self.buf = bytearray(4 << 20)
+        self.head = bytearray()
+        self.kind = b""
+        self.total = 0
+        self.got = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self.buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.transport is not None
+        data = memoryview(self.buf)[:nbytes]
+        if len(self.head) < 9:
+            take = min(9 - len(self.head), nbytes)
+            self.head += data[:take]
+            data = data[take:]
+            if len(self.head) < 9:
+                return
+            self.kind, self.total = bytes(self.head[:1]), int.from_bytes(self.head[1:], "big")
+        if self.kind == b"T":
+            self.got += len(data)
+            if self.got >= self.total:
+                self.transport.write(b"k")
+        else:
+            before = self.got // len(self.ping)
+            self.got += len(data)
+            for _ in range(self.got // len(self.ping) - before):
+                self.transport.write(self.pong)
+
+
+class SledSink:
+    """Counts the activations it receives; answers a sync request with the count."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.nbytes = 0
+
+    async def __call__(self, msg: Message, ctx: Context) -> Message | None:
+        if isinstance(msg, Activations):
+            self.frames += 1
+            self.nbytes += msg.hidden.nbytes
+            return None
+        if isinstance(msg, Tokens):  # sync: everything sent before it has been handled
+            return Tokens("count", np.array([self.frames, self.nbytes], dtype=np.int64))
+        return None
+
+
+async def serve_sled_async(port_out: Callable[[int], None]) -> None:
+    listener = await listen(
+        "127.0.0.1", 0, Identity("bench-server", ClusterKey.from_secret(KEY_SECRET)), handler=SledSink()
+    )
+    port_out(listener.port)
+    await asyncio.Event().wait()
+
+
+async def serve_uvloop_async(port_out: Callable[[int], None]) -> None:
+    server = await asyncio.get_running_loop().create_server(RawUvloopServer, "127.0.0.1", 0)
+    port_out(server.sockets[0].getsockname()[1])
+    await asyncio.Event().wait()
+
+
+def serve(mode: str) -> None:
+    pin(1)
+
+    def announce(port: int) -> None:
+        print(json.dumps({"port": port}), flush=True)
+
+    if mode == "raw-block":
+        sock = socket.create_server(("127.0.0.1", 0))
+        announce(sock.getsockname()[1])
+        serve_blocking(sock)
+    elif mode == "raw-uvloop":
+        run(serve_uvloop_async(announce))
+    else:
+        run(serve_sled_async(announce))
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+def block_throughput(port: int, frame: bytes, count: int) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        total = len(frame) * count
+        start = time.perf_counter()
+        sock.sendall(b"T" + total.to_bytes(8, "big"))
+        for _ in range(count):
+            sock.sendall(frame)
+        assert sock.recv(1) == b"k"
+        return time.perf_counter() - start
+
+
+def block_rtt(port: int, ping: bytes, pong: bytes, count: int) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"R" + count.to_bytes(8, "big"))
+        view = memoryview(bytearray(len(pong)))
+        start = time.perf_counter()
+        for _ in range(count):
+            sock.sendall(ping)
+            recv_exact(sock, view)
+        return (time.perf_counter() - start) / count
+
+
+class RawUvloopClient(asyncio.Protocol):
+    def __init__(self, expect: int) -> None:
+        self.expect = expect
+        self.got = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.got >= self.expect and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    async def wait_for(self, nbytes: int) -> None:
+        self.expect = nbytes
+        if self.got < nbytes:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+
+
+async def uvloop_throughput(port: int, frame: bytes, count: int) -> float:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_connection(lambda: RawUvloopClient(1), "127.0.0.1", port)
+    transport.set_write_buffer_limits(high=4 << 20, low=1 << 20)
+    start = time.perf_counter()
+    transport.write(b"T" + (len(frame) * count).to_bytes(8, "big"))
+    for _ in range(count):
+        transport.write(frame)
+        if not proto.can_write.is_set():
+            await proto.can_write.wait()
+    await proto.wait_for(1)
+    elapsed = time.perf_counter() - start
+    transport.close()
+    return elapsed
+
+
+async def uvloop_rtt(port: int, ping: bytes, pong: bytes, count: int) -> float:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_connection(lambda: RawUvloopClient(0), "127.0.0.1", port)
+    transport.write(b"R" + count.to_bytes(8, "big"))
+    start = time.perf_counter()
+    for i in range(1, count + 1):
+        transport.write(ping)
+        await proto.wait_for(i * len(pong))
+    elapsed = time.perf_counter() - start
+    transport.close()
+    return elapsed / count
+
+
+async def sled_throughput(port: int, count: int) -> float:
+    conn = await connect("127.0.0.1", port, Identity("bench-client", ClusterKey.from_secret(KEY_SECRET)))
+    msg = Activations("bench", np.arange(TENSOR_SHAPE[0]), payload())
+    await conn.request(Tokens("sync", np.zeros(1)), Tokens)
+    first = await conn.request(Tokens("sync", np.zeros(1)), Tokens)
+    start = time.perf_counter()
+    for _ in range(count):
+        await conn.notify(msg)
+    done = await conn.request(Tokens("sync", np.zeros(1)), Tokens)
+    elapsed = time.perf_counter() - start
+    received = int(done.tokens[0] - first.tokens[0])
+    if received != count:
+        raise RuntimeError(f"sled server handled {received} frames of {count}")
+    await conn.close()
+    return elapsed
+
+
+async def sled_rtt(port: int, count: int) -> float:
+    conn = await connect("127.0.0.1", port, Identity("bench-client", ClusterKey.from_secret(KEY_SECRET)))
+    for _ in range(100):
+        await conn.ping()
+    start = time.perf_counter()
+    for _ in range(count):
+        await conn.ping()
+    elapsed = time.perf_counter() - start
+    await conn.close()
+    return elapsed / count
+
+
+def measure(mode: str, frames: int, pings: int) -> tuple[float, float]:
+    """(seconds for `frames` tensor frames, seconds per round trip) against a fresh server."""
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", mode], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = int(json.loads(server.stdout.readline())["port"])
+        act, ping, pong = frame_bytes()
+        if mode == "raw-block":
+            return block_throughput(port, act, frames), block_rtt(port, ping, pong, pings)
+
+        async def both() -> tuple[float, float]:
+            if mode == "raw-uvloop":
+                return await uvloop_throughput(port, act, frames), await uvloop_rtt(
+                    port, ping, pong, pings
+                )
+            return await sled_throughput(port, frames), await sled_rtt(port, pings)
+
+        return run(both())
+    finally:
+        server.kill()  # the server process this function started
+        server.wait(timeout=10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer frames and rounds (< 1 min)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per mode (default 3, quick 2)")
+    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return 0
+    pin(0)
+    frames, pings = (300, 2000) if args.quick else (1500, 10000)
+    rounds = args.rounds or (2 if args.quick else 3)
+    frame_len = len(frame_bytes()[0])
+    results: dict[str, dict[str, list[float]]] = {m: {"tput": [], "rtt": []} for m in MODES}
+    for r in range(rounds):
+        for mode in MODES:
+            seconds, rtt = measure(mode, frames, pings)
+            results[mode]["tput"].append(frames * frame_len / seconds / 2**20)
+            results[mode]["rtt"].append(rtt * 1e6)
+            print(
+                f"round {r + 1} {mode:10s} {results[mode]['tput'][-1]:8.0f} MiB/s  "
+                f"{results[mode]['rtt'][-1]:6.1f} us/round trip",
+                flush=True,
+            )
+    best = {m: (max(v["tput"]), min(v["rtt"])) for m, v in results.items()}
+    median = {m: (statistics.median(v["tput"]), statistics.median(v["rtt"])) for m, v in results.items()}
+    print(
+        f"\n{frames} frames of {frame_len} bytes (1.5 MiB float32 tensor + header), "
+        f"{pings} round trips, {rounds} rounds; best (median)"
+    )
+    print(f"{'sender':12s} {'MiB/s':>16s} {'round trip us':>18s}")
+    for mode in MODES:
+        print(
+            f"{mode:12s} {best[mode][0]:8.0f} ({median[mode][0]:5.0f}) "
+            f"{best[mode][1]:9.1f} ({median[mode][1]:5.1f})"
+        )
+    sled_t, sled_r = best["sled"]
+    for base in ("raw-uvloop", "raw-block"):
+        print(
+            f"sled vs {base:10s}: throughput {sled_t / best[base][0]:.2f}x, "
+            f"round trip {sled_r / best[base][1]:.2f}x"
+        )
+    result: dict[str, Any] = {
+        "throughput_vs_raw": round(sled_t / best["raw-uvloop"][0], 3),
+        "rtt_vs_raw": round(sled_r / best["raw-uvloop"][1], 3),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

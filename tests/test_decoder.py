@@ -10,6 +10,7 @@ import torch
 from models.backend import Backend, BadBatchError, UnsupportedBackendError, load_backend
 from models.batch_inputs import attention_mask
 from models.kv_cache import CacheFullError, NoFreeSlotError
+from models.torch_backend import TorchBackend
 from models.weight_formats import UnsupportedWeightFormatError
 
 # Tolerances on logits (std ~5, so |logit| up to ~20) between two computations of the same thing.
@@ -191,3 +192,49 @@ def test_bad_inputs_give_clear_errors(tiny_paths: dict[str, Path]) -> None:
         _backend(path, "int3")
     with pytest.raises(UnsupportedBackendError, match="unknown backend"):
         load_backend(path, backend="tpu", use_cache=False)
+
+
+@pytest.mark.slow
+def test_core_exports_to_onnx_with_dynamic_shapes(
+    tiny_paths: dict[str, Path], tmp_path: Path
+) -> None:
+    """The pure core traces with dynamic B, T, P (and mask width) and onnxruntime agrees."""
+    import numpy as np
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    from models.batch_inputs import batch_inputs
+
+    be = _backend(tiny_paths["gemma3"])
+    assert isinstance(be, TorchBackend)
+    core, c = be.core, be.config
+    names = ["x", "cos", "sin", "cos_local", "sin_local", "mask", "mask_local", "past_k", "past_v"]
+
+    def make(past: list[int], new: list[int]) -> tuple[torch.Tensor, ...]:
+        bi = batch_inputs(c, past, new, torch.float32)
+        x = torch.randint(0, c.vocab_size, (len(past), max(new)))
+        shape = (c.n_layers, len(past), c.n_kv_heads, max(past), c.head_dim)
+        pk, pv = torch.randn(shape), torch.randn(shape)
+        return (x, bi.cos, bi.sin, bi.cos_local, bi.sin_local, bi.mask, bi.mask_local, pk, pv)
+
+    b, t = Dim("B", min=1, max=64), Dim("T", min=1, max=1024)
+    p, s = Dim("P", min=0, max=4096), Dim("S", min=1, max=5120)
+    rope = {0: b, 1: t}
+    dynamic = {
+        "x": rope, "cos": rope, "sin": rope, "cos_local": rope, "sin_local": rope,
+        "mask": {0: b, 2: t, 3: s}, "mask_local": {0: b, 2: t, 3: s},
+        "past_k": {1: b, 3: p}, "past_v": {1: b, 3: p},
+    }  # fmt: skip
+    path = tmp_path / "core.onnx"
+    torch.onnx.export(
+        core, make([5, 4], [3, 2]), str(path), dynamo=True, dynamic_shapes=dynamic,
+        input_names=names, output_names=["out", "new_k", "new_v"],
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path))
+    for past, new in [([9], [1]), ([0, 0, 0], [4, 4, 4]), ([20, 3], [1, 2])]:
+        args = make(past, new)
+        with torch.inference_mode():
+            expected = core(*args)
+        got = session.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e.numpy(), atol=1e-4, rtol=0)

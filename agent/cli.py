@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -32,6 +33,83 @@ def _chat(args: argparse.Namespace) -> int:
     from agent.chat_client import cmd_chat
 
     return cmd_chat(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.node import cmd_run
+
+    return cmd_run(args)
+
+
+def _harness(args: argparse.Namespace) -> int:
+    from agent import harness
+
+    handlers = {
+        "up": harness.cmd_up,
+        "add": harness.cmd_add,
+        "status": harness.cmd_status,
+        "down": harness.cmd_down,
+    }
+    return handlers[args.harness_command](args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from agent.status_cli import cmd_status
+
+    return cmd_status(args.url, args.json)
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from agent.config import add_flags
+
+    run = sub.add_parser(
+        "run",
+        help="run the daemon (config: TOML file < SLED_* environment < flags)",
+        description="Run a sled node. The cluster key comes from SLED_CLUSTER_KEY, the config "
+        "file or --cluster-key-file, never from a flag.",
+    )
+    add_flags(run)
+    run.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
+    run.set_defaults(func=_run)
+
+
+def _add_harness(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    harness = sub.add_parser("harness", help="N local daemons as separate processes")
+    hsub = harness.add_subparsers(dest="harness_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state", default=None, help="state file (default: XDG state dir)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    up = hsub.add_parser("up", parents=[common], help="start N nodes and wait until they agree")
+    up.add_argument("-n", type=int, default=3, help="number of nodes")
+    up.add_argument("--model", default=None, help="model every node offers (default: config's)")
+    up.add_argument("--memory-budget", default=None, help="per node, comma-separated (or one)")
+    up.add_argument("--role", default=None, help="per node, comma-separated (or one)")
+    up.add_argument("--weights", default=None)
+    up.add_argument("--backend", default=None)
+    up.add_argument("--threads", type=int, default=1, help="forward threads per node")
+    up.add_argument("--replicas", type=int, default=None)
+    up.add_argument("--max-len", type=int, default=None)
+    up.add_argument("--max-sessions", type=int, default=None)
+    up.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config for all nodes"
+    )
+    up.add_argument(
+        "--node-set", action="append", default=[], metavar="I:KEY=VALUE", help="config of node I"
+    )
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for agreement")
+    up.add_argument(
+        "--no-wait-model", action="store_true", help="do not wait for the model to be loaded"
+    )
+    up.set_defaults(func=_harness)
+    add = hsub.add_parser("add", parents=[common], help="start one more node in the harness")
+    add.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add.add_argument("--timeout", type=float, default=120.0)
+    add.set_defaults(func=_harness)
+    status = hsub.add_parser("status", parents=[common], help="the harness nodes and their state")
+    status.set_defaults(func=_harness)
+    down = hsub.add_parser("down", parents=[common], help="stop the harness nodes")
+    down.add_argument("--timeout", type=float, default=30.0, help="seconds before SIGKILL")
+    down.set_defaults(func=_harness)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,11 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
-        "--backend", choices=["auto", "torch", "onnx"], default="auto",
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
         help="execution backend (auto: the faster one measured on this machine)",
     )
     gen.add_argument(
-        "--weights", default="auto",
+        "--weights",
+        default="auto",
         help="weight format: auto, fp32, bf16, int8, int4 (what the backend supports)",
     )
     gen.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
@@ -86,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send this message instead of reading stdin (repeat for more turns)",
     )  # fmt: skip
     chat.set_defaults(func=_chat)
+
+    _add_run(sub)
+    _add_harness(sub)
+    status = sub.add_parser("status", help="the cluster as a node sees it")
+    status.add_argument("--url", default="http://127.0.0.1:8080", help="the node's API address")
+    status.add_argument("--json", action="store_true", help="print the node's /status JSON")
+    status.set_defaults(func=_status)
     return parser
 
 

@@ -246,7 +246,7 @@ GOOD = {"v": PROTOCOL_VERSION, "k": 1, "i": 3, "m": "ping", "f": {"nonce": 5}}
         ({"f": {"nonce": True}}, "bad_field", "expected int, got bool"),
         ({"f": {"nonce": 1, "extra": 2}}, "bad_field", "unknown field(s) ['extra']"),
         ({"f": [1]}, "bad_header", "fields ('f') must be a map"),
-        ({"x": 1}, "bad_header", "unknown keys ['x']"),
+        ({"x": 1}, "bad_header", "unknown header keys ['x']"),
     ],
 )
 def test_bad_headers_get_typed_errors(change: dict, code: str, text: str) -> None:

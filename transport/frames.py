@@ -50,6 +50,7 @@ _HEADER_KEYS: Final = frozenset({"v", "k", "i", "m", "f", "t"})
 _REQUIRED_KEYS: Final = frozenset({"v", "k", "i", "m", "f"})
 _FIRST_HEADER_READ: Final = 4096
 _NO_TENSORS: Final[Mapping[str, object]] = MappingProxyType({})
+_unpackb: Final = msgpack.unpackb
 
 
 class Kind(IntEnum):
@@ -113,9 +114,9 @@ def body_length(prefix: bytes | bytearray | memoryview, limits: Limits) -> int:
     return length
 
 
-def _unpack_header(body: memoryview, limits: Limits) -> tuple[object, int]:
+def _unpack_header(body: memoryview, limits: Limits, try_whole: bool = True) -> tuple[object, int]:
     """(header object, bytes it used). Feeds msgpack only the header's bytes, a few KiB at a time."""
-    if len(body) <= min(_FIRST_HEADER_READ, limits.max_header):
+    if try_whole and len(body) <= min(_FIRST_HEADER_READ, limits.max_header):
         # Small frames (most of them): parse in place; a frame with tensors raises ExtraData
         # and takes the streaming path below.
         try:
@@ -202,10 +203,13 @@ class Codec:
         self.limits = limits
         self._schemas = dict(registry.by_name)
         self._packer = msgpack.Packer(autoreset=True)
+        self._small = min(_FIRST_HEADER_READ, limits.max_header)
 
     def encode(self, kind: Kind, request_id: int, message: Message) -> list[bytes | memoryview]:
         """Buffers to write in order (length prefix included); tensors are not copied."""
-        schema = schema_of(message)
+        schema = getattr(message, "__sled_schema__", None)
+        if schema is None or schema.cls is not type(message):
+            schema = schema_of(message)  # raises the TypeError that explains it
         plain, tensors = schema.split(message)
         header: dict[str, object] = {
             "v": PROTOCOL_VERSION,
@@ -265,17 +269,27 @@ class Codec:
         if size > limits.max_frame:
             raise FrameError("frame_too_large", f"frame of {size} bytes, limit {limits.max_frame}")
         view = memoryview(body) if isinstance(body, bytearray) else body.data
-        header, used = _unpack_header(view, limits)
+        if size <= self._small:  # inline fast path of _unpack_header for the common case
+            try:
+                header, used = _unpackb(body, raw=False, use_list=False, strict_map_key=True), size
+            except msgpack.ExtraData:
+                header, used = _unpack_header(view, limits, try_whole=False)
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise FrameError("bad_header", f"header is not valid msgpack ({exc})") from None
+        else:
+            header, used = _unpack_header(view, limits, try_whole=False)
         if type(header) is not dict:
             raise FrameError("bad_header", f"header must be a map, got {type(header).__name__}")
-        keys = header.keys()
-        if not _REQUIRED_KEYS <= keys <= _HEADER_KEYS:
-            missing = sorted(_REQUIRED_KEYS - keys)
-            unknown = sorted(str(k) for k in keys - _HEADER_KEYS)
-            raise FrameError(
-                "bad_header", f"header lacks keys {missing} / has unknown keys {unknown}"
-            )
-        version, kind_value, request_id, name = header["v"], header["k"], header["i"], header["m"]
+        try:
+            version, kind_value, request_id = header["v"], header["k"], header["i"]
+            name, fields = header["m"], header["f"]
+        except KeyError:
+            missing = sorted(_REQUIRED_KEYS - header.keys())
+            raise FrameError("bad_header", f"header lacks keys {missing}") from None
+        has_tensors = "t" in header
+        if len(header) != 5 + has_tensors:
+            unknown = sorted(str(k) for k in header.keys() - _HEADER_KEYS)
+            raise FrameError("bad_header", f"unknown header keys {unknown}")
         if type(version) is not int or version != PROTOCOL_VERSION:
             raise FrameError(
                 "bad_version",
@@ -293,12 +307,12 @@ class Codec:
             if type(name) is not str:
                 raise FrameError("bad_header", "message type ('m') must be a string")
             raise FrameError("unknown_type", f"unknown message type {name!r}")
-        if "t" not in keys:
+        if not has_tensors:
             if used != size:
                 raise FrameError(
                     "length_mismatch", f"frame has {size} bytes, its header describes {used}"
                 )
-            return Frame(_KINDS[kind_value], request_id, schema.build(header["f"], _NO_TENSORS))
+            return Frame(_KINDS[kind_value], request_id, schema.build(fields, _NO_TENSORS))
         specs = _tensor_specs(header["t"], limits)
         offset = _aligned(used) if specs else used
         expected = offset + sum(_aligned(s[3]) for s in specs)
@@ -312,4 +326,4 @@ class Codec:
                 raise FrameError("bad_tensor", f"{name}: tensor {tname!r} sent twice")
             tensors[tname] = from_wire(view, offset, dtype, shape, lib)
             offset += _aligned(nbytes)
-        return Frame(_KINDS[kind_value], request_id, schema.build(header["f"], tensors))
+        return Frame(_KINDS[kind_value], request_id, schema.build(fields, tensors))

@@ -228,39 +228,48 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class FieldTable:
-    """The plain (non-tensor) fields of a record or message, checked as a msgpack map."""
+    """The plain (non-tensor) fields of a record or message, checked as a msgpack map.
+
+    The (name, check) pairs are precomputed: these loops run for every frame.
+    """
 
     fields: tuple[FieldSpec, ...]
     names: frozenset[str]
+    incoming_checks: tuple[tuple[str, Callable[[object], object], bool], ...]
+    outgoing_checks: tuple[tuple[str, Callable[[object], object]], ...]
 
     @staticmethod
     def of(fields: Iterable[FieldSpec]) -> FieldTable:
         plain = tuple(f for f in fields if f.spec is not None)
-        return FieldTable(plain, frozenset(f.name for f in plain))
+        return FieldTable(
+            plain,
+            frozenset(f.name for f in plain),
+            tuple((f.name, f.spec.incoming, f.required) for f in plain if f.spec),
+            tuple((f.name, f.spec.outgoing) for f in plain if f.spec),
+        )
 
     def incoming(self, raw: Mapping[Any, object]) -> dict[str, object]:
         if not raw.keys() <= self.names:
             unknown = sorted(str(k) for k in raw if k not in self.names)
             raise Mismatch(f"unknown field(s) {unknown}")
         out: dict[str, object] = {}
-        for f in self.fields:
-            if f.name not in raw:
-                if f.required:
-                    raise Mismatch(f"required field {f.name!r} is missing")
-                continue
-            try:
-                out[f.name] = f.spec.incoming(raw[f.name])  # type: ignore[union-attr]
-            except Mismatch as exc:
-                raise exc.at(f".{f.name}") from None
+        for name, check, required in self.incoming_checks:
+            if name in raw:
+                try:
+                    out[name] = check(raw[name])
+                except Mismatch as exc:
+                    raise exc.at(f".{name}") from None
+            elif required:
+                raise Mismatch(f"required field {name!r} is missing")
         return out
 
     def outgoing(self, value: object) -> dict[str, object]:
         out: dict[str, object] = {}
-        for f in self.fields:
+        for name, check in self.outgoing_checks:
             try:
-                out[f.name] = f.spec.outgoing(getattr(value, f.name))  # type: ignore[union-attr]
+                out[name] = check(getattr(value, name))
             except Mismatch as exc:
-                raise exc.at(f".{f.name}") from None
+                raise exc.at(f".{name}") from None
         return out
 
 

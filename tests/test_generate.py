@@ -81,6 +81,7 @@ def test_cli_generate_json(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = tiny_paths["qwen2"]
     argv = ["generate", "--model", str(path), "--prompt", "def add(a, b):", "--max-tokens", "12"]
+    argv += ["--backend", "torch"]
     assert main([*argv, "--json", "--weights", "fp32"]) == 0
     report = json.loads(capsys.readouterr().out)
     tok = Tokenizer.from_gguf(path)

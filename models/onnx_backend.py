@@ -7,9 +7,9 @@ applies the final norm and head. Each chunk has the same contract as `DecoderCor
 the KV cache are the torch backend's (`batch_inputs`, `KVCache`), and the two backends differ
 only in who runs the graph.
 
-Weight formats: ``fp32`` (the export as is; matches torch fp32), ``int8`` and ``int4``
-(MatMulNBits weight-only quantization, blocks of 32, int8 compute: accuracy_level 4). With int4
-the output head and embedding stay 8-bit, as llama.cpp's Q4_K_M keeps its head at 6 bits.
+Weight formats: ``fp32`` (the export as is; matches torch fp32), ``int8`` (MatMulNBits 8-bit
+everywhere) and ``int4`` (4-bit where the GGUF tensor itself is ~4-bit, 8-bit where the file keeps
+more precision, as Q4_K_M does for some tensors); blocks of 32, int8 compute (accuracy_level 4).
 Exported files are cached under ``$XDG_CACHE_HOME/sled/onnx/<gguf digest>-<format>/``.
 """
 
@@ -39,7 +39,7 @@ from models.weight_cache import file_digest
 ONNX_FORMATS = ("fp32", "int8", "int4")
 DEFAULT_CHUNK_LAYERS = 7
 QUANT_BLOCK = 32
-EXPORT_LAYOUT_VERSION = 2
+EXPORT_LAYOUT_VERSION = 3
 ONNX_OPSET = 18
 INPUT_NAMES = (
     "x", "cos", "sin", "cos_local", "sin_local", "mask", "mask_local", "past_k", "past_v",
@@ -151,45 +151,89 @@ def export_chunk(gf: GGUFFile, layers: tuple[int, int], path: Path) -> None:
         )
 
 
-def quantize_chunk(src: Path, dst: Path, bits: int, is_last: bool) -> None:
-    """Weight-only MatMulNBits quantization of an exported chunk (head kept at 8 bits)."""
+# GGUF source types that hold at most ~4.5 bits per weight: re-quantizing them to 4 bits keeps
+# their precision; anything finer (Q5_*, Q6_K, Q8_0, F16, ...) goes to 8 bits.
+FOUR_BIT_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"})
+# Our fused linears and the GGUF tensors they are made of.
+LINEAR_SOURCES = {
+    "qkv": ("attn_q", "attn_k", "attn_v"),
+    "wo": ("attn_output",),
+    "gate_up": ("ffn_gate", "ffn_up"),
+    "down": ("ffn_down",),
+}
+
+
+def weight_bits(gf: GGUFFile, layers: tuple[int, int], fmt: str) -> dict[str, int]:
+    """Bits per exported weight node name prefix (``/blocks.{i}/{linear}``, ``/head``,
+    ``/embedding``) for a format: int8 is 8 everywhere; int4 follows the GGUF's own precision
+    (4 where every source tensor is ~4-bit, else 8), as a Q4_K_M file mixes Q4_K with Q6_K/Q8_0."""
+
+    def bits(*names: str) -> int:
+        if fmt == "int8":
+            return 8
+        types = {gf.tensors[n].tensor_type.name for n in names if n in gf.tensors}
+        return 4 if types and types <= FOUR_BIT_SOURCES else 8
+
+    out = {}
+    for local, layer in enumerate(range(*layers)):
+        for linear, sources in LINEAR_SOURCES.items():
+            out[f"/blocks.{local}/{linear}/"] = bits(*(f"blk.{layer}.{s}.weight" for s in sources))
+    head = "token_embd.weight" if gf.config.tied_output else "output.weight"
+    out["/head/"] = bits(head)
+    out["/embedding"] = bits("token_embd.weight")
+    return out
+
+
+def quantize_chunk(src: Path, dst: Path, bits_by_prefix: dict[str, int]) -> None:
+    """Weight-only MatMulNBits quantization of an exported chunk, node by node.
+
+    4-bit weights are quantized asymmetrically in blocks of 32 (the sub-block layout of Q4_K),
+    8-bit ones symmetrically; compute is int8 (accuracy_level 4). The embedding lookup is
+    quantized only when it is 4-bit (onnxruntime's GatherBlockQuantized is 4-bit only);
+    otherwise it stays float.
+    """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    head_nodes = _head_matmuls(model) if (is_last and bits < 8) else []
+    consts = {init.name for init in model.graph.initializer}
+    groups: dict[int, list[str]] = {4: [], 8: []}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in consts:
+            prefix = next((p for p in bits_by_prefix if node.name.startswith(p)), None)
+            groups[bits_by_prefix[prefix] if prefix else 8].append(node.name)
+        elif node.op_type == "Gather" and node.input[0] in consts:
+            big = _initializer_size(model, node.input[0]) > 1 << 16
+            if big and bits_by_prefix.get("/embedding") == 4:
+                groups[4].append(node.name)
+    # The quantizer takes every node of the listed op types unless excluded, so each pass
+    # excludes all MatMul/Gather nodes outside its group.
+    candidates = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather")}
     with _quiet():
-        q = MatMulNBitsQuantizer(
-            model,
-            bits=bits,
-            block_size=QUANT_BLOCK,
-            is_symmetric=True,
-            accuracy_level=4,
-            nodes_to_exclude=head_nodes,
-            op_types_to_quantize=("MatMul", "Gather"),
-        )
-        q.process()
-        if head_nodes:
-            q8 = MatMulNBitsQuantizer(
-                q.model.model,
-                bits=8,
+        for bits, nodes in groups.items():
+            if not nodes:
+                continue
+            q = MatMulNBitsQuantizer(
+                model,
+                bits=bits,
                 block_size=QUANT_BLOCK,
-                is_symmetric=True,
+                is_symmetric=bits == 8,
                 accuracy_level=4,
-                nodes_to_include=head_nodes,
+                nodes_to_exclude=sorted(candidates - set(nodes)),
+                op_types_to_quantize=("MatMul", "Gather"),
             )
-            q8.process()
-            q = q8
-    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+            q.process()
+            model = q.model.model
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True)
 
 
-def _head_matmuls(model: object) -> list[str]:
-    """Names of the MatMul nodes producing the graph output 'out' (the lm head) — the last
-    MatMul with a constant weight in topological order."""
-    graph = model.graph  # type: ignore[attr-defined]
-    consts = {init.name for init in graph.initializer}
-    matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in consts]
-    return matmuls[-1:]
+def _initializer_size(model: object, name: str) -> int:
+    import numpy as _np
+
+    for init in model.graph.initializer:  # type: ignore[attr-defined]
+        if init.name == name:
+            return int(_np.prod(init.dims))
+    return 0
 
 
 class OnnxExportCache:
@@ -279,8 +323,7 @@ class OnnxExportCache:
             if fmt == "fp32":
                 result = exported
             else:
-                bits = 4 if fmt == "int4" else 8
-                quantize_chunk(exported, result, bits, is_last=layers[1] == gf.config.n_layers)
+                quantize_chunk(exported, result, weight_bits(gf, layers, fmt))
             _save_single_file(result, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -112,3 +112,30 @@ def test_chunk_ranges() -> None:
     assert chunk_ranges((2, 4), 7) == [(2, 4)]
     with pytest.raises(ValueError):
         chunk_ranges((0, 4), 0)
+
+
+def test_int4_follows_the_gguf_precision(tiny_paths: dict[str, Path], onnx_root: Path) -> None:
+    """int4 puts 4-bit only where the GGUF tensor is itself ~4-bit (tiny qwen2 mixes Q4_1 with
+    Q8_0/F16/...), 8-bit elsewhere; and the graph really holds both kinds of MatMulNBits."""
+    import onnx
+
+    from models.gguf_loader import GGUFFile
+    from models.onnx_backend import FOUR_BIT_SOURCES, weight_bits
+
+    path = tiny_paths["qwen2"]
+    gf = GGUFFile(path)
+    bits = weight_bits(gf, (0, gf.config.n_layers), "int4")
+    assert set(bits.values()) == {4, 8}
+    for prefix, b in bits.items():
+        if prefix.startswith("/blocks.0/down/"):
+            source = gf.tensors["blk.0.ffn_down.weight"].tensor_type.name
+            assert (b == 4) == (source in FOUR_BIT_SOURCES)
+    assert set(weight_bits(gf, (0, 2), "int8").values()) == {8}
+    load_onnx_backend(path, None, "int4", cache_root=onnx_root, chunk_layers=CHUNK)
+    seen = set()
+    for chunk in OnnxExportCache(onnx_root).prepare(path, None, "int4", CHUNK)[2]:
+        graph = onnx.load(str(chunk.path), load_external_data=False).graph
+        for node in graph.node:
+            if node.op_type == "MatMulNBits":
+                seen.add(next(a.i for a in node.attribute if a.name == "bits"))
+    assert seen == {4, 8}

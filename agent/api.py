@@ -316,6 +316,9 @@ class ApiHandlers:
             except StopAsyncIteration:
                 log.error("the node's reply stream ended without a Finished event")
                 return respond(500, "the node ended the reply without finishing it"), 500
+            except Exception:
+                log.exception("generation failed before its first event")
+                return respond(500, "internal error while starting the reply"), 500
             first_token = time.perf_counter_ns()
             if admitted.stream:
                 return await _stream(request, admitted.encoding, first, events, start, first_token)

@@ -304,6 +304,10 @@ async def test_bad_requests_get_4xx_in_each_shape(tiny_paths: dict[str, Path]) -
                 assert "not valid JSON" in json.dumps(body)
         async with http.post(base + chat_url, data=b"") as resp:
             assert resp.status == 400
+        too_long = {"model": "llama", "prompt": "quick brown fox " * 400}  # > 512 tokens
+        async with http.post(base + "v1/completions", json=too_long) as resp:
+            assert resp.status == 400
+            assert_openai_error(await resp.json(), None)
 
         async with http.post(base + chat_url, json={**ok, "model": "gpt-9"}) as resp:
             assert resp.status == 404
@@ -444,3 +448,22 @@ async def test_metrics_parse_and_count(tiny_paths: dict[str, Path]) -> None:
     assert samples[("sled_time_to_first_token_seconds_count", (("model", "llama"),))] == 1
     assert samples[("sled_token_latency_seconds_count", (("model", "llama"),))] == 4
     assert samples[("sled_active_sessions", ())] == 0
+
+
+async def test_error_mid_stream_arrives_in_the_stream(tiny_paths: dict[str, Path]) -> None:
+    """A node shutting down mid-reply: the stream ends with an error event in the API's shape."""
+    for url, body in (
+        ("v1/chat/completions", {"model": "qwen2", "messages": MESSAGES, "max_tokens": 460, "temperature": 0, "stream": True}),
+        ("api/chat", {"model": "qwen2", "messages": MESSAGES, "options": {"num_predict": 460, "temperature": 0}}),
+    ):  # fmt: skip
+        service = tiny_service(tiny_paths["qwen2"])
+        async with serve(service) as base, aiohttp.ClientSession() as http:
+            resp = await http.post(base + url, json=body)
+            await resp.content.readline()
+            await service.close()  # ends running sessions with UnavailableError
+            rest = (await resp.read()).decode().strip().splitlines()
+            last = json.loads(rest[-1].removeprefix("data: "))
+            if url.startswith("v1"):
+                assert last["error"]["type"] == "server_error" and "[DONE]" not in rest
+            else:
+                assert set(last) == {"error"} and "shut down" in last["error"]

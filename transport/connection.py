@@ -328,15 +328,17 @@ class Connection(asyncio.BufferedProtocol):
         rid = next(self._ids)
         future: asyncio.Future[Message] = self._loop.create_future()
         self._pending[rid] = future
+        sent = False
         try:
             if self._state != OPEN:
                 raise self._not_open()
             self._write(Kind.REQUEST, rid, msg)  # inlined _send: this is the round-trip path
+            sent = True
             if not self._writable.is_set():
                 await self._wait_writable()
             reply = await (future if timeout is None else asyncio.wait_for(future, timeout))
         except BaseException:
-            if self._pending.pop(rid, None) is not None:
+            if self._pending.pop(rid, None) is not None and sent:
                 self._cancel_remote(rid)
             raise
         if isinstance(reply, Error) and expect is not Error:

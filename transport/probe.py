@@ -25,7 +25,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from transport.auth import ClusterKey, is_loopback_host
-from transport.connection import Connection, ConnectionConfig, Context, Identity, Timing
+from transport.connection import (
+    Connection,
+    ConnectionConfig,
+    Context,
+    Identity,
+    Timing,
+    valid_node_id,
+)
 from transport.discovery import Advertisement, Discovery, parse_peer
 from transport.errors import TransportError
 from transport.mesh import Mesh, MeshConfig, MeshEvent, PeerUp
@@ -152,7 +159,10 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not valid_node_id(args.node_id):
+        parser.error(f"--node-id {args.node_id!r}: use 1-63 of A-Z a-z 0-9 _ . -")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         stream=sys.stderr,

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models.backend import Backend
-from models.sampling import SamplingParams, make_generator, next_token
+from models.sampling import SamplingParams, next_token, position_generator
 
 PREFILL_CHUNK = 256
 
@@ -72,7 +72,6 @@ def generate(
                 f"the prompt has {len(prompt_ids)} tokens; this backend holds at most "
                 f"{cache.max_len} per session"
             )
-        generator = make_generator(params.seed)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64)
         start = time.perf_counter()
         logits = torch.empty(0)
@@ -85,7 +84,10 @@ def generate(
         steps = 0
         start = time.perf_counter()
         while True:
-            token = next_token(logits, params, generator)
+            # Randomness keyed by absolute position: the same reply whichever node (or how many
+            # nodes, after a failover) computes it.
+            position = len(prompt_ids) + len(tokens)
+            token = next_token(logits, params, position_generator(params.seed, position))
             if token in stop_ids:
                 stop_reason = "stop"
                 break

@@ -135,11 +135,16 @@ def per_node_options(
 
 
 def _alive(pid: int) -> bool:
-    """Whether pid is one of our `sled run` processes (not a recycled pid)."""
+    """Whether pid is one of our `sled run` processes (not exited, not a recycled pid)."""
     try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    if stat.rpartition(")")[2].split()[0] in ("Z", "X"):
+        return False  # exited, not yet reaped
+    if cmdline == [b""]:
+        return True  # just started: the kernel fills cmdline in at exec
     return b"agent.cli" in cmdline and b"run" in cmdline
 
 

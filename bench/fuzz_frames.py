@@ -25,7 +25,7 @@ def main() -> int:
     result = run_campaign(args.count, args.seed, log=lambda line: print(line, flush=True))
     for crash in result.pop("first_crashes"):
         print(f"CRASH on input {crash['input'][:200]}...\n{crash['error']}")
-    print(f"inputs: {result['inputs']}  crashes: {result['crashes']}  ({result['seconds']}s)")
+    print(f"inputs: {result['count']}  crashes: {result['crashes']}  ({result['seconds']}s)")
     print(json.dumps(result))
     return 1 if result["crashes"] else 0
 

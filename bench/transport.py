@@ -12,7 +12,8 @@ Two figures, each measured for three senders in alternating rounds (best round k
   ping frame with the bytes of a pong frame (no parsing); sled runs `Connection.ping()`, which
   encodes, decodes, validates and matches the reply to its request id.
 
-Receiver and sender run in separate processes, pinned to separate cores when there are two.
+Receiver and sender run in separate processes (with --pin, on separate cores; on a machine
+shared with other work, pinning made every sender slower, so it is off by default).
 The ratios in the last line are sled / raw asyncio (uvloop) sockets, the baseline with the same
 event-loop machinery; the blocking-socket ratios are printed above it.
 """
@@ -165,7 +166,10 @@ class SledSink:
 
 async def serve_sled_async(port_out: Callable[[int], None]) -> None:
     listener = await listen(
-        "127.0.0.1", 0, Identity("bench-server", ClusterKey.from_secret(KEY_SECRET)), handler=SledSink()
+        "127.0.0.1",
+        0,
+        Identity("bench-server", ClusterKey.from_secret(KEY_SECRET)),
+        handler=SledSink(),
     )
     port_out(listener.port)
     await asyncio.Event().wait()
@@ -177,8 +181,9 @@ async def serve_uvloop_async(port_out: Callable[[int], None]) -> None:
     await asyncio.Event().wait()
 
 
-def serve(mode: str) -> None:
-    pin(1)
+def serve(mode: str, pinned: bool) -> None:
+    if pinned:
+        pin(1)
 
     def announce(port: int) -> None:
         print(json.dumps({"port": port}), flush=True)
@@ -276,7 +281,9 @@ async def uvloop_rtt(port: int, ping: bytes, pong: bytes, count: int) -> float:
 
 
 async def sled_throughput(port: int, count: int) -> float:
-    conn = await connect("127.0.0.1", port, Identity("bench-client", ClusterKey.from_secret(KEY_SECRET)))
+    conn = await connect(
+        "127.0.0.1", port, Identity("bench-client", ClusterKey.from_secret(KEY_SECRET))
+    )
     msg = Activations("bench", np.arange(TENSOR_SHAPE[0]), payload())
     await conn.request(Tokens("sync", np.zeros(1)), Tokens)
     first = await conn.request(Tokens("sync", np.zeros(1)), Tokens)
@@ -293,7 +300,9 @@ async def sled_throughput(port: int, count: int) -> float:
 
 
 async def sled_rtt(port: int, count: int) -> float:
-    conn = await connect("127.0.0.1", port, Identity("bench-client", ClusterKey.from_secret(KEY_SECRET)))
+    conn = await connect(
+        "127.0.0.1", port, Identity("bench-client", ClusterKey.from_secret(KEY_SECRET))
+    )
     for _ in range(100):
         await conn.ping()
     start = time.perf_counter()
@@ -304,10 +313,12 @@ async def sled_rtt(port: int, count: int) -> float:
     return elapsed / count
 
 
-def measure(mode: str, frames: int, pings: int) -> tuple[float, float]:
+def measure(mode: str, frames: int, pings: int, pinned: bool) -> tuple[float, float]:
     """(seconds for `frames` tensor frames, seconds per round trip) against a fresh server."""
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", mode], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--serve", mode] + (["--pin"] if pinned else []),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stdout is not None
@@ -332,20 +343,24 @@ def measure(mode: str, frames: int, pings: int) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer frames and rounds (< 1 min)")
-    parser.add_argument("--rounds", type=int, default=0, help="rounds per mode (default 3, quick 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds per mode (default 5, quick 3)"
+    )
+    parser.add_argument("--pin", action="store_true", help="pin sender and receiver to cores")
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.pin)
         return 0
-    pin(0)
+    if args.pin:
+        pin(0)
     frames, pings = (300, 2000) if args.quick else (1500, 10000)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (3 if args.quick else 5)
     frame_len = len(frame_bytes()[0])
     results: dict[str, dict[str, list[float]]] = {m: {"tput": [], "rtt": []} for m in MODES}
     for r in range(rounds):
         for mode in MODES:
-            seconds, rtt = measure(mode, frames, pings)
+            seconds, rtt = measure(mode, frames, pings, args.pin)
             results[mode]["tput"].append(frames * frame_len / seconds / 2**20)
             results[mode]["rtt"].append(rtt * 1e6)
             print(
@@ -354,7 +369,9 @@ def main() -> int:
                 flush=True,
             )
     best = {m: (max(v["tput"]), min(v["rtt"])) for m, v in results.items()}
-    median = {m: (statistics.median(v["tput"]), statistics.median(v["rtt"])) for m, v in results.items()}
+    median = {
+        m: (statistics.median(v["tput"]), statistics.median(v["rtt"])) for m, v in results.items()
+    }
     print(
         f"\n{frames} frames of {frame_len} bytes (1.5 MiB float32 tensor + header), "
         f"{pings} round trips, {rounds} rounds; best (median)"

@@ -279,12 +279,12 @@ def run_campaign(count: int, seed: int = 0, log: Callable[[str], None] = print) 
     splicing, which is ~100x cheaper per input than hypothesis generation.
     """
     crashes: list[dict[str, str]] = []
-    seen = {"inputs": 0, "decoded": 0, "typed_errors": 0, "crashes": 0}
+    seen = {"count": 0, "decoded": 0, "typed_errors": 0, "crashes": 0}
     corpus: list[bytes] = []
     start = time.perf_counter()
 
     def check(body: bytes, rng: random.Random) -> None:
-        seen["inputs"] += 1
+        seen["count"] += 1
         try:
             decode_body(bytearray(body), CORE_MESSAGES, FUZZ_LIMITS)
             seen["decoded"] += 1
@@ -302,9 +302,9 @@ def run_campaign(count: int, seed: int = 0, log: Callable[[str], None] = print) 
                 seen["crashes"] += 1
                 if len(crashes) < 10:
                     crashes.append({"input": body.hex(), "error": traceback.format_exc(limit=3)})
-        if seen["inputs"] % 20000 == 0:
+        if seen["count"] % 20000 == 0:
             log(
-                f"{seen['inputs']} inputs, {seen['crashes']} crashes, "
+                f"{seen['count']} inputs, {seen['crashes']} crashes, "
                 f"{time.perf_counter() - start:.0f}s"
             )
 
@@ -326,7 +326,7 @@ def run_campaign(count: int, seed: int = 0, log: Callable[[str], None] = print) 
         check(body, rng)
 
     from_hypothesis()
-    while seen["inputs"] < count:
+    while seen["count"] < count:
         check(_random_input(corpus, rng), rng)
     return {
         **seen,

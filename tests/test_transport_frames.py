@@ -400,7 +400,7 @@ def test_random_and_mutated_bodies_give_only_typed_errors(body: bytes, seed: int
 
 def test_fuzz_campaign_quick_subset() -> None:
     result = run_campaign(3000, seed=1, log=lambda line: None)
-    assert result["inputs"] == 3000
+    assert result["count"] == 3000
     assert result["crashes"] == 0, result["first_crashes"][:1]
     assert result["typed_errors"] > 0 and result["decoded"] > 0
 

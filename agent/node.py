@@ -101,6 +101,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self.api_port = 0
         self.started = time.monotonic()
+        self.holder_wait_s = HOLDER_WAIT_S
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class Node:
             self._sessions.add(stream)
             self.metrics.active_sessions.inc()
 
-        source = HomeSource(self, model, HOLDER_WAIT_S, on_open, self._session_closed)
+        source = HomeSource(self, model, self.holder_wait_s, on_open, self._session_closed)
         async for event in reply_events(
             request, tokenizer, source, node_name=self.node_name, metrics=self.metrics
         ):

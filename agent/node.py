@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Collection, Coroutine
+from collections.abc import AsyncGenerator, Collection, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,7 @@ class Node:
                 )
         return [cards[name] for name in sorted(cards)]
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         if self._draining:
             raise UnavailableError(f"node {self.node_name} is shutting down; ask another node")
         model = request.model

@@ -64,6 +64,16 @@ from transport.schema import Message, Registry
 
 log = logging.getLogger(__name__)
 
+# Enum attribute lookups cost ~160 ns each on Python 3.11; these are used for every frame.
+_NOTIFY, _REQUEST, _REPLY, _STREAM, _ITEM, _END = (
+    Kind.NOTIFY,
+    Kind.REQUEST,
+    Kind.REPLY,
+    Kind.STREAM,
+    Kind.ITEM,
+    Kind.END,
+)
+
 M = TypeVar("M", bound=Message)
 NODE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
@@ -164,7 +174,7 @@ class Context:
 
     @property
     def is_stream(self) -> bool:
-        return self.kind is Kind.STREAM
+        return self.kind is _STREAM
 
     async def push(self, msg: Message) -> None:
         """Sends one stream item, waiting while the reader has no credit left."""
@@ -195,8 +205,8 @@ class Stream:
         self.request_id = conn._new_id()
         conn._streams[self.request_id] = self
         try:
-            await conn._send(Kind.STREAM, self.request_id, self._msg)
-            conn._write(Kind.NOTIFY, self.request_id, Credit(self.window))
+            await conn._send(_STREAM, self.request_id, self._msg)
+            conn._write(_NOTIFY, self.request_id, Credit(self.window))
         except BaseException:
             conn._streams.pop(self.request_id, None)
             raise
@@ -218,7 +228,7 @@ class Stream:
         if isinstance(item, Message) and not isinstance(item, (StreamEnd, Error)):
             self._consumed += 1
             if self._consumed * 2 >= self.window:
-                self._conn._write_quietly(Kind.NOTIFY, self.request_id, Credit(self._consumed))
+                self._conn._write_quietly(_NOTIFY, self.request_id, Credit(self._consumed))
                 self._consumed = 0
             return item
         self._done = True
@@ -257,6 +267,8 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader(self.config.limits)
+        # The protocol's get_buffer is the reader's own: one Python call less per socket read.
+        self.get_buffer = self._reader.get_buffer  # type: ignore[method-assign]
         self._codec = Codec(self.config.registry, self.config.limits)
         self._state = HANDSHAKE
         self._ready: asyncio.Future[None] = self._loop.create_future()
@@ -332,7 +344,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             if self._state != OPEN:
                 raise self._not_open()
-            self._write(Kind.REQUEST, rid, msg)  # inlined _send: this is the round-trip path
+            self._write(_REQUEST, rid, msg)  # inlined _send: this is the round-trip path
             sent = True
             if not self._writable.is_set():
                 await self._wait_writable()
@@ -356,7 +368,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def notify(self, msg: Message) -> None:
         """Sends a one-way message (waits only while the peer reads slower than we write)."""
-        await self._send(Kind.NOTIFY, 0, msg)
+        await self._send(_NOTIFY, 0, msg)
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip time in seconds of a ping answered by the peer's connection itself."""
@@ -409,7 +421,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._dialer:
             me = self.identity
             self._write(
-                Kind.NOTIFY,
+                _NOTIFY,
                 0,
                 AuthHello(me.node_id, self._nonce, me.listen_port, me.api_port, me.capabilities),
             )
@@ -476,7 +488,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _handshake_step(self, frame: Frame) -> None:
         msg = frame.message
-        if type(msg).__sled_schema__.name not in AUTH_MESSAGES or frame.kind is not Kind.NOTIFY:
+        if type(msg).__sled_schema__.name not in AUTH_MESSAGES or frame.kind is not _NOTIFY:
             self._violation(
                 FrameError("auth_required", f"{type(msg).__name__} before authentication")
             )
@@ -504,7 +516,7 @@ class Connection(asyncio.BufferedProtocol):
             )
             me = self.identity
             self._write(
-                Kind.NOTIFY,
+                _NOTIFY,
                 0,
                 AuthChallenge(
                     me.node_id, self._nonce, proof, me.listen_port, me.api_port, me.capabilities
@@ -521,7 +533,7 @@ class Connection(asyncio.BufferedProtocol):
                 raise AuthError(
                     f"peer {hello.node_id} failed the cluster-key challenge (its key differs)"
                 )
-            self._write(Kind.NOTIFY, 0, AuthOk())
+            self._write(_NOTIFY, 0, AuthOk())
             self._opened(hello.node_id, hello.listen_port, hello.api_port, hello.capabilities)
         else:
             raise AuthError(f"unexpected {type(msg).__name__} during the handshake")
@@ -539,7 +551,7 @@ class Connection(asyncio.BufferedProtocol):
             self._peer_hello = AuthHello(
                 msg.node_id, msg.nonce, msg.listen_port, msg.api_port, msg.capabilities
             )
-            self._write(Kind.NOTIFY, 0, AuthProof(key.proof(ROLE_DIALER, me, peer)))
+            self._write(_NOTIFY, 0, AuthProof(key.proof(ROLE_DIALER, me, peer)))
         elif isinstance(msg, AuthOk) and self._peer_hello is not None:
             hello = self._peer_hello
             self._opened(hello.node_id, hello.listen_port, hello.api_port, hello.capabilities)
@@ -581,12 +593,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def _dispatch(self, frame: Frame) -> None:
         kind, rid, msg = frame.kind, frame.request_id, frame.message
-        if kind is Kind.REPLY:
+        if kind is _REPLY:
             future = self._pending.pop(rid, None)
             if future is not None and not future.done():
                 future.set_result(msg)
-        elif kind is Kind.ITEM or kind is Kind.END:
-            if (kind is Kind.END) != isinstance(msg, (StreamEnd, Error)):
+        elif kind is _ITEM or kind is _END:
+            if (kind is _END) != isinstance(msg, (StreamEnd, Error)):
                 self._violation(
                     FrameError("bad_frame", "only a stream's end carries stream_end or error")
                 )
@@ -594,13 +606,13 @@ class Connection(asyncio.BufferedProtocol):
             stream = self._streams.get(rid)
             if stream is not None and not stream._deliver(msg):
                 self._violation(FrameError("flow_control", f"stream {rid} overran its credit"))
-        elif kind is Kind.NOTIFY and isinstance(msg, (Heartbeat, Credit, Cancel, Error)):
+        elif kind is _NOTIFY and isinstance(msg, (Heartbeat, Credit, Cancel, Error)):
             self._control(rid, msg)
-        elif kind is Kind.REQUEST and isinstance(msg, Ping):
-            self._write_quietly(Kind.REPLY, rid, Pong(msg.nonce))
+        elif kind is _REQUEST and isinstance(msg, Ping):
+            self._write_quietly(_REPLY, rid, Pong(msg.nonce))
         elif type(msg).__sled_schema__.name in AUTH_MESSAGES and not isinstance(msg, Error):
             self._violation(FrameError("bad_frame", f"{type(msg).__name__} after authentication"))
-        elif kind is Kind.REQUEST or kind is Kind.STREAM or kind is Kind.NOTIFY:
+        elif kind is _REQUEST or kind is _STREAM or kind is _NOTIFY:
             self._start_handler(kind, rid, msg)
 
     def _control(self, rid: int, msg: Message) -> None:
@@ -623,13 +635,13 @@ class Connection(asyncio.BufferedProtocol):
             self._remote_close_text = msg.text
 
     def _start_handler(self, kind: Kind, rid: int, msg: Message) -> None:
-        if kind is not Kind.NOTIFY and rid in self._tasks:
+        if kind is not _NOTIFY and rid in self._tasks:
             self._violation(FrameError("bad_frame", f"request id {rid} reused while in flight"))
             return
-        if kind is Kind.STREAM:
+        if kind is _STREAM:
             self._credits[rid] = _Credit()
         task = self._loop.create_task(self._run_handler(kind, rid, msg))
-        if kind is Kind.NOTIFY:
+        if kind is _NOTIFY:
             self._notify_tasks.add(task)
         else:
             self._tasks[rid] = task
@@ -650,30 +662,28 @@ class Connection(asyncio.BufferedProtocol):
                 reply = Error("handler_failed", f"{type(exc).__name__}: {exc}")
             else:
                 reply = result
-                if kind is Kind.REQUEST and result is None:
+                if kind is _REQUEST and result is None:
                     reply = Error(
                         "no_reply", f"the handler of {type(msg).__name__} returned nothing"
                     )
-            if kind is Kind.REQUEST:
+            if kind is _REQUEST:
                 assert reply is not None
-                self._write_quietly(Kind.REPLY, rid, reply)
-            elif kind is Kind.STREAM:
+                self._write_quietly(_REPLY, rid, reply)
+            elif kind is _STREAM:
                 if reply is not None and not isinstance(reply, Error):
                     await self._push(rid, reply)
                     reply = None
-                self._write_quietly(Kind.END, rid, reply or StreamEnd())
+                self._write_quietly(_END, rid, reply or StreamEnd())
         except (ConnectionClosedError, asyncio.CancelledError):
             pass  # the peer is gone or cancelled the request: nobody to answer
         except FrameError as exc:  # the handler returned a message we cannot encode
             log.error(
                 "cannot send the reply to %s from %s: %s", type(msg).__name__, self.address, exc
             )
-            self._write_quietly(
-                Kind.END if kind is Kind.STREAM else Kind.REPLY, rid, Error(exc.code, exc.text)
-            )
+            self._write_quietly(_END if kind is _STREAM else _REPLY, rid, Error(exc.code, exc.text))
         finally:
             self._credits.pop(rid, None)
-            if kind is Kind.NOTIFY:
+            if kind is _NOTIFY:
                 self._notify_tasks.discard(asyncio.current_task())
             else:
                 self._tasks.pop(rid, None)
@@ -693,7 +703,7 @@ class Connection(asyncio.BufferedProtocol):
             credit.changed.clear()
             await credit.changed.wait()
         credit.available -= 1
-        self._write(Kind.ITEM, rid, msg)
+        self._write(_ITEM, rid, msg)
 
     # ----------------------------------------------------------------- sending
 
@@ -741,7 +751,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _cancel_remote(self, rid: int) -> None:
         if self._state == OPEN:
-            self._write_quietly(Kind.NOTIFY, rid, Cancel())
+            self._write_quietly(_NOTIFY, rid, Cancel())
 
     # ----------------------------------------------------------------- liveness and closing
 
@@ -759,7 +769,7 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if now >= next_beat:
                 next_beat = now + timing.heartbeat_interval
-                self._write_quietly(Kind.NOTIFY, 0, Heartbeat(self._load(), time.time()))
+                self._write_quietly(_NOTIFY, 0, Heartbeat(self._load(), time.time()))
             await asyncio.sleep(tick)
 
     def _load(self) -> Load:
@@ -804,7 +814,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if send is not None and not abort:
             with contextlib.suppress(FrameError, RuntimeError):
-                self._transport.writelines(self._codec.encode(Kind.NOTIFY, 0, send))
+                self._transport.writelines(self._codec.encode(_NOTIFY, 0, send))
         if abort:
             self._transport.abort()
         else:

@@ -65,8 +65,8 @@ class FrameReader:
             self._pool.append(fresh)
         return fresh
 
-    def get_buffer(self) -> memoryview:
-        """Where the next bytes from the socket should go (never empty)."""
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes from the socket should go (never empty; sizehint is ignored)."""
         if self._big is not None:
             return memoryview(self._big)[self._filled :]  # type: ignore[arg-type]
         return self._view[self._end :]

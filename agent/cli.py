@@ -23,6 +23,13 @@ def _models_fetch(args: argparse.Namespace) -> int:
     return cmd_fetch(args.name, force=args.force, as_json=args.json)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from agent.demo import DEFAULT_PROMPT, cmd_demo
+
+    args.prompt = args.prompt or DEFAULT_PROMPT
+    return cmd_demo(args)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from models.generate import cmd_generate
 
@@ -128,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     mfetch.add_argument("--force", action="store_true", help="re-assemble even if cached")
     mfetch.add_argument("--json", action="store_true", help="print the result as JSON")
     mfetch.set_defaults(func=_models_fetch)
+
+    demo = sub.add_parser(
+        "demo", help="start a local cluster, answer a chat prompt through it, stop it"
+    )
+    demo.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
+    demo.add_argument("-n", type=int, default=3, help="number of nodes (node-0 holds the model)")
+    demo.add_argument("--prompt", default=None, help="the chat prompt (default: a coding task)")
+    demo.add_argument("--max-tokens", type=int, default=128)
+    demo.add_argument("--threads", type=int, default=0, help="forward threads (0: all cores)")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the nodes")
+    demo.add_argument("--state-dir", default=None, help="where logs and state go (default: temp)")
+    demo.add_argument("--keep", action="store_true", help="leave the nodes running")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="generate text with one model in this process")
     gen.add_argument("--model", required=True, help="registry name or path to a .gguf file")

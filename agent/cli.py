@@ -6,9 +6,14 @@ Handlers are imported lazily so that `sled models list` does not pay for importi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transport.auth import ClusterKey
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -43,9 +48,34 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.node import cmd_run
+    # The configuration is checked before the daemon (and torch) is imported: errors are quick.
+    from agent.config import ConfigError, flags_from_args, load_config, unknown_env_keys
 
-    return cmd_run(args)
+    try:
+        config = load_config(args.config, flags=flags_from_args(args))
+    except ConfigError as exc:
+        print(f"sled run: config error: {exc}", file=sys.stderr)
+        return 2
+    from transport.auth import check_listen_allowed
+    from transport.errors import ConfigError as TransportConfigError
+
+    try:
+        check_listen_allowed(config.peer_host, _cluster_key(config.cluster_key))
+    except TransportConfigError as exc:
+        print(f"sled run: {exc}", file=sys.stderr)
+        return 2
+    for name in unknown_env_keys(os.environ):
+        if not name.startswith("SLED_TEST_"):
+            print(f"sled run: warning: ignoring {name}: no such setting", file=sys.stderr)
+    from agent.node import serve
+
+    return serve(config, args.ready_file)
+
+
+def _cluster_key(secret: str | None) -> ClusterKey:
+    from transport.auth import ClusterKey
+
+    return ClusterKey.from_secret(secret)
 
 
 def _harness(args: argparse.Namespace) -> int:

@@ -261,7 +261,9 @@ def check(config: NodeConfig) -> None:
             raise bad("peers", str(exc)) from None
 
 
-def _apply(values: dict[str, Any], raw: Mapping[str, object], source: str) -> None:
+def _apply(
+    values: dict[str, Any], raw: Mapping[str, object], source: str, sources: dict[str, str]
+) -> None:
     for key, value in raw.items():
         fdef = _BY_NAME.get(key)
         if fdef is None:
@@ -271,6 +273,7 @@ def _apply(values: dict[str, Any], raw: Mapping[str, object], source: str) -> No
             values[key] = fdef.parse(value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
+        sources[key] = source
 
 
 def read_toml(path: Path) -> dict[str, object]:
@@ -313,15 +316,16 @@ def load_config(
     """Defaults < TOML file < SLED_* variables < flags (None values in `flags` are unset)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, for error messages
     if path is not None:
         raw = read_toml(path)
         key_file = raw.pop("cluster_key_file", None)
-        _apply(values, raw, f"config file {path}")
+        _apply(values, raw, f"config file {path}", sources)
         if key_file is not None:
             values["cluster_key"] = _key_from_file(key_file, f"config file {path}")
     from_env = {f.name: env[env_key(f.name)] for f in FIELDS if env_key(f.name) in env}
     from_env.pop("cluster_key", None)
-    _apply(values, from_env, "environment")
+    _apply(values, from_env, "environment", sources)
     if env.get(ENV_KEY):
         values["cluster_key"] = env[ENV_KEY]
     if env.get("SLED_CLUSTER_KEY_FILE"):
@@ -331,12 +335,15 @@ def load_config(
     for key in given:
         if key not in _BY_NAME or not _BY_NAME[key].flag:
             raise ConfigError(f"command line: {key!r} cannot be set by a flag")
-    _apply(values, given, "command line")
+    _apply(values, given, "command line", sources)
     if key_file_flag is not None:
         values["cluster_key"] = _key_from_file(key_file_flag, "command line")
     try:
         return NodeConfig(**values)
-    except ConfigError:
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        if key in sources:
+            raise ConfigError(f"{sources[key]}: {exc}") from None
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None

@@ -55,7 +55,7 @@ from agent.service import (
 from agent.session import HomeSource, HomeStream, serve_generate
 from agent.wire import GenerateOpen, NodeState, connection_config
 from models.tokenizer import Tokenizer
-from transport.auth import ClusterKey
+from transport.auth import ClusterKey, check_listen_allowed
 from transport.connection import Connection, Context, Identity, Refused
 from transport.discovery import Advertisement, Discovery
 from transport.errors import TransportError
@@ -107,6 +107,7 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.config
+        check_listen_allowed(cfg.peer_host, self.key)  # before any slow work: fail fast
         self.caps, self._paths = await asyncio.to_thread(
             probe_node,
             cfg.models,
@@ -650,27 +651,18 @@ async def run_node(config: NodeConfig, ready_file: Path | None = None) -> int:
     return 0
 
 
-def cmd_run(args: Any) -> int:
-    """`sled run`: configuration errors are one line on stderr and exit status 2."""
-    from agent.config import ConfigError, flags_from_args, load_config, unknown_env_keys
+def serve(config: NodeConfig, ready_file: Path | None = None) -> int:
+    """`sled run` after its configuration is valid: log setup, then the node until SIGTERM."""
     from transport.errors import ConfigError as TransportConfigError
     from transport.runtime import run
 
-    try:
-        config = load_config(args.config, flags=flags_from_args(args))
-    except ConfigError as exc:
-        print(f"sled run: config error: {exc}", file=sys.stderr)
-        return 2
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper()),
         stream=sys.stderr,
         format=f"%(asctime)s {config.name} %(name)s %(levelname)s %(message)s",
     )
-    for name in unknown_env_keys(os.environ, ignore=("SLED_TEST_",)):
-        if not name.startswith("SLED_TEST_"):
-            log.warning("ignoring %s: no such setting", name)
     try:
-        return run(run_node(config, getattr(args, "ready_file", None)))
+        return run(run_node(config, ready_file))
     except TransportConfigError as exc:
         print(f"sled run: {exc}", file=sys.stderr)
         return 2

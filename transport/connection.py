@@ -450,6 +450,11 @@ class Connection(asyncio.BufferedProtocol):
                 self._dispatch(frame)
             else:
                 self._handshake_step(frame)
+        if bodies and self._reader.backlogged():
+            # uvloop can read many large frames before any handler runs; rather than take
+            # fresh memory for the next one, let the handlers run (and free buffers) first.
+            self._pause_reading()
+            self._loop.call_soon(self._resume_reading)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -785,6 +790,8 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
+        if len(self._tasks) + len(self._notify_tasks) >= self.config.max_inflight:
+            return  # still saturated: the last handler to finish resumes
         if self._reading_paused and self._transport is not None and self._state == OPEN:
             self._reading_paused = False
             self._last_rx = self._loop.time()  # we were not listening: no silence to count

@@ -25,8 +25,8 @@ SCRATCH_BYTES: Final = 64 * 1024
 DIRECT_THRESHOLD: Final = 16 * 1024
 # uvloop reads several frames per loop iteration before their handlers run and drop them, so
 # the pool must hold a burst; bounded in bytes since large frames can be 64 MiB.
-POOL_BUFFERS: Final = 16
-POOL_BYTES: Final = 16 * 1024 * 1024
+POOL_BUFFERS: Final = 4
+POOL_BYTES: Final = 8 * 1024 * 1024
 # References to a free pooled buffer seen by sys.getrefcount inside _allocate: the pool list,
 # the local variable and getrefcount's own argument.
 _FREE_REFS: Final = 3
@@ -51,6 +51,22 @@ class FrameReader:
         self._filled = 0
         self._pool: list[np.ndarray] = []  # large buffers, reusable once unreferenced
 
+    def backlogged(self) -> bool:
+        """True when the pool is full and every pooled buffer is still referenced: the frames
+        read so far have not been handled yet, and the next large frame would need fresh
+        memory. The connection then stops reading until its handlers have run."""
+        if not self._pool or self._pool_has_room(len(self._pool[-1])):
+            return False
+        for index in range(len(self._pool)):
+            base = self._pool[index]
+            if sys.getrefcount(base) == _FREE_REFS:
+                return False
+        return True
+
+    def _pool_has_room(self, length: int) -> bool:
+        pooled = sum(len(b) for b in self._pool)
+        return len(self._pool) < POOL_BUFFERS and pooled + length <= POOL_BYTES
+
     def _allocate(self, length: int) -> np.ndarray:
         # Most recently used first: its memory is likely still in cache.
         for index in range(len(self._pool) - 1, -1, -1):
@@ -60,8 +76,7 @@ class FrameReader:
                 return base[:length]
         # np.empty skips the zero-fill that bytearray(length) would pay
         fresh = np.empty(length, dtype=np.uint8)
-        pooled = sum(len(b) for b in self._pool)
-        if len(self._pool) < POOL_BUFFERS and pooled + length <= POOL_BYTES:
+        if self._pool_has_room(length):
             self._pool.append(fresh)
         return fresh
 

@@ -430,3 +430,17 @@ def test_large_frame_buffers_are_reused_only_once_released() -> None:
     third = _read_one(reader, data).tokens
     assert third.ctypes.data == held_address  # released, so recycled
     assert third.tolist() == list(range(20_000)) and second.tolist() == list(range(20_000))
+
+
+def test_reader_reports_a_backlog_when_every_pooled_buffer_is_held() -> None:
+    from transport.reader import POOL_BUFFERS
+
+    reader = FrameReader(LIMITS)
+    data = encode_frame_bytes(Frame(Kind.NOTIFY, 0, Tokens("s", np.arange(20_000))), LIMITS)
+    held = []
+    for _ in range(POOL_BUFFERS):
+        assert not reader.backlogged()
+        held.append(_read_one(reader, data).tokens)
+    assert reader.backlogged()  # the next large frame would need fresh memory
+    held.pop()
+    assert not reader.backlogged()

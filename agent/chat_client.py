@@ -199,7 +199,7 @@ async def run_chat(
                 conversation = asked.add("assistant", "".join(pieces))
     except aiohttp.ClientConnectionError as exc:
         raise ChatClientError(f"cannot reach the node at {url}: {exc}") from exc
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise ChatClientError(f"the node at {url} did not answer in time") from exc
     return conversation
 

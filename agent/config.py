@@ -16,12 +16,11 @@ import dataclasses
 import os
 import re
 import socket
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-
-import tomllib
 
 from transport.auth import ENV_KEY
 from transport.discovery import parse_peer

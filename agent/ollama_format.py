@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.json_fields import (
@@ -158,7 +158,7 @@ def parse_generate_request(raw: Any, chat_template: bool) -> OllamaRequest:
 
 def timestamp(seconds: float) -> str:
     """Ollama's `created_at`: RFC 3339 in UTC."""
-    when = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    when = datetime.fromtimestamp(seconds, tz=UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

@@ -396,7 +396,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _wait_flushed(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self.wait_closed(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if self._transport is not None:
                 self._transport.abort()
             await self.wait_closed()

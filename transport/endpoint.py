@@ -31,12 +31,12 @@ async def connect(
     conn = Connection(identity, handler, config, dialer=True, host=host, load_source=load_source)
     try:
         await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         conn.abort()
         raise DialError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
     try:
         await asyncio.wait_for(conn.wait_ready(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         conn.abort()
         raise DialError(
             f"{host}:{port} accepted but did not finish the handshake in {timeout}s"

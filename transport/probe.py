@@ -68,7 +68,7 @@ async def exchange(conn: Connection, node_id: str) -> None:
     start = time.perf_counter()
     try:
         reply = await conn.request(Activations(node_id, positions, hidden), Activations, timeout=5)
-    except (TransportError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, TransportError) as exc:
         emit("exchanged", peer=peer, ok=False, error=str(exc))
         return
     ok = bool(

@@ -97,12 +97,18 @@ def collect(chunks: Iterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 
 
 def sled_generate(
-    prompt: str, max_tokens: int, *, chat: bool = False, temperature: float = 0.0, seed: int = 0
+    prompt: str,
+    max_tokens: int,
+    *,
+    chat: bool = False,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> str:
     """`sled generate` in its own process, with the harness nodes' backend, weights, threads."""
     argv = [
         sys.executable, "-m", "agent.cli", "generate", "--model", MODEL, "--prompt", prompt,
-        "--max-tokens", str(max_tokens), "--temperature", str(temperature), "--seed", str(seed),
+        "--max-tokens", str(max_tokens), "--temperature", str(temperature), "--top-p", str(top_p), "--seed", str(seed),
         "--backend", "torch", "--weights", "fp32", "--threads", "1", "--json",
     ]  # fmt: skip
     if chat:

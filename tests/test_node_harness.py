@@ -87,24 +87,10 @@ def test_non_holder_serves_greedy_text_equal_to_sled_generate(harness: Harness) 
 
 
 def test_non_holder_serves_seeded_sampling_like_a_single_process(harness: Harness) -> None:
-    """Seeded sampling through the cluster equals a single-process, position-keyed run (and
-    does not depend on which holder serves it)."""
-    import torch
-
-    from models.backend import load_backend
-    from models.registry import resolve_model
-    from models.sampling import SamplingParams
-    from models.tokenizer import Tokenizer
-    from tests.test_engine import reference
-
+    """Seeded sampling through the cluster equals `sled generate` with the same seed (and does
+    not depend on which holder serves it): both key randomness by token position."""
     prompt, seed = "once upon a time", 1234
-    path = resolve_model(MODEL)
-    tok = Tokenizer.from_gguf(path)
-    backend = load_backend(path, backend="torch", weights="fp32", max_slots=1, max_len=512)
-    torch.set_num_threads(1)
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=seed)
-    ids = reference(backend, tok.encode(prompt), params, 50, frozenset(tok.stop_ids))
-    expected = tok.decode(ids)
+    expected = sled_generate(prompt, 50, temperature=0.8, top_p=0.9, seed=seed)
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 50, "temperature": 0.8}
     for api in (node(harness, "node-2").api, node(harness, "node-0").api):
         reply = post_json(api + "/v1/completions", {**body, "top_p": 0.9, "seed": seed})

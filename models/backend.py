@@ -14,14 +14,13 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from models.batch_inputs import BadBatchError
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 
+__all__ = ["BadBatchError", "Backend", "load_backend"]
+
 BACKENDS = ("auto", "torch", "onnx")
-
-
-class BadBatchError(ValueError):
-    """A forward call whose slots/inputs do not fit the backend (shapes, dtypes, ids)."""
 
 
 class UnsupportedBackendError(ValueError):

@@ -17,6 +17,10 @@ import torch
 from models.config import ModelConfig
 
 
+class BadBatchError(ValueError):
+    """A forward call whose slots/inputs do not fit the backend (shapes, dtypes, ids)."""
+
+
 @dataclass(frozen=True)
 class BatchInputs:
     """Rope tables and masks for one padded pass (see DecoderCore.forward)."""
@@ -115,3 +119,41 @@ def batch_inputs(
         past_len=max(past_lens),
         new_len=max(new_lens),
     )
+
+
+def new_token_counts(slots: Sequence[int], inputs: Sequence[torch.Tensor]) -> list[int]:
+    """T_i of each session, after checking there is one non-empty input per slot."""
+    if len(slots) != len(inputs) or not slots:
+        raise BadBatchError(f"{len(slots)} slots for {len(inputs)} inputs")
+    counts = [int(x.shape[0]) for x in inputs]
+    if min(counts) < 1:
+        raise BadBatchError("every session in a batch needs at least one new token")
+    return counts
+
+
+def pad_inputs(
+    config: ModelConfig, first: bool, inputs: Sequence[torch.Tensor], t: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Ragged inputs padded into one batch: token ids [B, T] (first segment) or hidden
+    states [B, T, dim] in `dtype`, each checked for its kind, shape and range."""
+    b = len(inputs)
+    if first:
+        ids = torch.zeros((b, t), dtype=torch.int64)
+        for i, x in enumerate(inputs):
+            if x.dim() != 1 or x.dtype.is_floating_point:
+                raise BadBatchError(
+                    f"input {i}: expected token ids [T], got {x.dtype} {tuple(x.shape)}"
+                )
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= config.vocab_size):
+                raise BadBatchError(f"input {i}: token ids must be in [0, {config.vocab_size})")
+            ids[i, : x.shape[0]] = x
+        return ids
+    hidden = torch.zeros((b, t, config.dim), dtype=dtype)
+    for i, x in enumerate(inputs):
+        if x.dim() != 2 or x.shape[1] != config.dim or not x.dtype.is_floating_point:
+            raise BadBatchError(
+                f"input {i}: expected hidden states [T, {config.dim}], "
+                f"got {x.dtype} {tuple(x.shape)}"
+            )
+        hidden[i, : x.shape[0]] = x
+    return hidden

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.backend import BadBatchError, UnsupportedBackendError
-from models.batch_inputs import batch_inputs
+from models.backend import UnsupportedBackendError
+from models.batch_inputs import batch_inputs, new_token_counts, pad_inputs
 from models.config import ModelConfig
 from models.gguf_loader import GGUFFile
 from models.kv_cache import KVCache
@@ -410,42 +410,15 @@ class OnnxBackend:
     def last(self) -> bool:
         return self.layers[1] == self.config.n_layers
 
-    def _stack_inputs(self, inputs: Sequence[torch.Tensor], t: int) -> np.ndarray:
-        b = len(inputs)
-        c = self.config
-        if self.first:
-            ids = np.zeros((b, t), dtype=np.int64)
-            for i, x in enumerate(inputs):
-                if x.dim() != 1 or x.dtype.is_floating_point:
-                    raise BadBatchError(
-                        f"input {i}: expected token ids [T], got {x.dtype} {tuple(x.shape)}"
-                    )
-                if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c.vocab_size):
-                    raise BadBatchError(f"input {i}: token ids must be in [0, {c.vocab_size})")
-                ids[i, : x.shape[0]] = x.numpy()
-            return ids
-        hidden = np.zeros((b, t, c.dim), dtype=np.float32)
-        for i, x in enumerate(inputs):
-            if x.dim() != 2 or x.shape[1] != c.dim or not x.dtype.is_floating_point:
-                raise BadBatchError(
-                    f"input {i}: expected hidden states [T, {c.dim}], got {x.dtype} {tuple(x.shape)}"
-                )
-            hidden[i, : x.shape[0]] = x.float().numpy()
-        return hidden
-
     def forward(
         self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
     ) -> list[torch.Tensor]:
         """One padded pass over several sessions (see models.backend.Backend.forward)."""
-        if len(slots) != len(inputs) or not slots:
-            raise BadBatchError(f"{len(slots)} slots for {len(inputs)} inputs")
-        counts = [int(x.shape[0]) for x in inputs]
-        if min(counts) < 1:
-            raise BadBatchError("every session in a batch needs at least one new token")
+        counts = new_token_counts(slots, inputs)
         self.cache.check_room(slots, counts)
         past = [self.cache.length(s) for s in slots]
         t = max(counts)
-        x = self._stack_inputs(inputs, t)
+        x = pad_inputs(self.config, self.first, inputs, t, self.dtype).numpy()
         bi = batch_inputs(self.config, past, counts, self.dtype, self.rope_freq_factors)
         past_k, past_v = self.cache.gather(slots, bi.past_len)
         shared = {

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models.backend import BadBatchError
-from models.batch_inputs import batch_inputs
+from models.batch_inputs import batch_inputs, new_token_counts, pad_inputs
 from models.config import ModelConfig
 from models.decoder import DecoderCore
 from models.kv_cache import KVCache
@@ -44,44 +43,15 @@ class TorchBackend:
     def last(self) -> bool:
         return self.layers[1] == self.config.n_layers
 
-    def _stack_inputs(self, inputs: Sequence[torch.Tensor], t: int) -> torch.Tensor:
-        b = len(inputs)
-        if self.first:
-            ids = torch.zeros((b, t), dtype=torch.int64)
-            for i, x in enumerate(inputs):
-                if x.dim() != 1 or x.dtype.is_floating_point:
-                    raise BadBatchError(
-                        f"input {i}: expected token ids [T], got {x.dtype} {tuple(x.shape)}"
-                    )
-                if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
-                    raise BadBatchError(
-                        f"input {i}: token ids must be in [0, {self.config.vocab_size})"
-                    )
-                ids[i, : x.shape[0]] = x
-            return ids
-        hidden = torch.zeros((b, t, self.config.dim), dtype=self.dtype)
-        for i, x in enumerate(inputs):
-            if x.dim() != 2 or x.shape[1] != self.config.dim or not x.dtype.is_floating_point:
-                raise BadBatchError(
-                    f"input {i}: expected hidden states [T, {self.config.dim}], "
-                    f"got {x.dtype} {tuple(x.shape)}"
-                )
-            hidden[i, : x.shape[0]] = x
-        return hidden
-
     def forward(
         self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
     ) -> list[torch.Tensor]:
         """One padded pass over several sessions (see models.backend.Backend.forward)."""
-        if len(slots) != len(inputs) or not slots:
-            raise BadBatchError(f"{len(slots)} slots for {len(inputs)} inputs")
-        counts = [int(x.shape[0]) for x in inputs]
-        if min(counts) < 1:
-            raise BadBatchError("every session in a batch needs at least one new token")
+        counts = new_token_counts(slots, inputs)
         self.cache.check_room(slots, counts)
         past = [self.cache.length(s) for s in slots]
         t = max(counts)
-        x = self._stack_inputs(inputs, t)
+        x = pad_inputs(self.config, self.first, inputs, t, self.dtype)
         bi = batch_inputs(self.config, past, counts, self.dtype, self.rope_freq_factors)
         with torch.inference_mode():
             past_k, past_v = self.cache.gather(slots, bi.past_len)

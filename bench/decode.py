@@ -18,29 +18,32 @@ Run: `python -m bench.decode [--quick] [--model NAME|PATH.gguf] [--threads N]`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import shutil
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from bench.common import (
     BenchError,
     json_line,
-    peak_rss_mb,
     pick_cores,
     pinned_command,
     python_module_command,
     ratio,
     run_child,
     thread_env,
+)
+from bench.decode_worker import (
+    LLAMACPP,
+    LLAMACPP_MISSING,
+    SLED,
+    TRANSFORMERS,
+    Job,
+    transformers_cache_dir,
+    transformers_cached,
 )
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
@@ -57,12 +60,9 @@ SLED_PAIRS = (
 )
 # --quick: the pairs that were fastest at decode (int8/int4) and flattest at verify (bf16) in
 # the full runs on this machine (see bench/README-decode.md).
-QUICK_SLED_PAIRS = (("torch", "bf16"), ("torch", "int8"), ("onnx", "int4"))
+QUICK_SLED_PAIRS = (("torch", "int4"), ("torch", "bf16"), ("onnx", "int4"))
 TRANSFORMERS_DTYPES = ("fp32", "bf16")
 QUICK_TRANSFORMERS_DTYPES = ("fp32",)
-LLAMACPP_MISSING = "llama.cpp: missing (pip install llama-cpp-python==0.3.36 builds it, ~15 min)"
-
-SLED, LLAMACPP, TRANSFORMERS = "sled", "llama.cpp", "transformers"
 
 PROMPT_MESSAGES = (
     {"role": "system", "content": "You are a careful senior Python reviewer."},
@@ -89,359 +89,6 @@ PROMPT_MESSAGES = (
         ),
     },
 )
-
-
-# -- what a child measures ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """One child process: load one model on one engine, then (action "run") measure it."""
-
-    engine: str  # SLED, LLAMACPP or TRANSFORMERS
-    backend: str  # sled backend ("torch", "onnx"); "" for the others
-    fmt: str  # sled weight format, transformers dtype, llama.cpp GGUF file type
-    action: str  # "cold": load only; "run": load, decode, verify
-    model_path: str
-    prompt: tuple[int, ...]
-    threads: int
-    thread_counts: tuple[int, ...]  # decode is timed at each; verify at the fastest
-    decode_tokens: int
-    repeats: int
-    ks: tuple[int, ...]
-    cache_dir: str  # sled: weight cache root ("" = the user's); transformers: converted model
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Job:
-        raw = json.loads(text)
-        for name in ("prompt", "thread_counts", "ks"):
-            raw[name] = tuple(raw[name])
-        return cls(**raw)
-
-    @property
-    def max_len(self) -> int:
-        return len(self.prompt) + self.decode_tokens + max(self.ks) + 8
-
-
-class Stepper(Protocol):
-    """One session on one engine, driven token by token with its KV cache."""
-
-    def prefill(self, ids: Sequence[int]) -> int:
-        """Append ids; return the greedy next token."""
-        ...
-
-    def step(self, token: int) -> int:
-        """Append one token; return the greedy next token."""
-        ...
-
-    def verify(self, ids: Sequence[int]) -> None:
-        """One pass appending ids, with logits for every position (as a verifier needs)."""
-        ...
-
-    def truncate(self, length: int) -> None:
-        """Drop cached positions from `length` on."""
-        ...
-
-
-def decode_run(stepper: Stepper, first: int, n_tokens: int) -> tuple[float, list[int]]:
-    """Greedy decode after a prefill that predicted `first`: tokens/s over n_tokens timed steps
-    (one untimed warm-up step before them) and the tokens produced, `first` included."""
-    token = stepper.step(first)
-    produced = [first, token]
-    start = time.perf_counter()
-    for _ in range(n_tokens):
-        token = stepper.step(token)
-        produced.append(token)
-    return n_tokens / (time.perf_counter() - start), produced
-
-
-def draft_tokens(produced: Sequence[int], prompt: Sequence[int], count: int) -> list[int]:
-    """`count` tokens to verify: the model's own continuation, padded from the prompt if short."""
-    pool = list(produced) + list(prompt)
-    return [pool[i % len(pool)] for i in range(count)]
-
-
-def verify_costs(
-    stepper: Stepper, base: int, draft: Sequence[int], ks: Sequence[int], repeats: int
-) -> dict[int, float]:
-    """Median ms of one pass verifying k draft tokens after `base` cached ones, per k."""
-    costs: dict[int, float] = {}
-    for k in ks:
-        ids = list(draft[:k])
-        stepper.verify(ids)  # warm-up (first pass of a shape allocates)
-        stepper.truncate(base)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            stepper.verify(ids)
-            times.append(time.perf_counter() - start)
-            stepper.truncate(base)
-        costs[k] = statistics.median(times) * 1000.0
-    return costs
-
-
-def measure(stepper: Stepper, job: Job, set_threads: Callable[[int], None]) -> dict[str, Any]:
-    """Prefill the prompt, time decode at each thread count, then verify at the fastest."""
-    base = len(job.prompt)
-    first = stepper.prefill(job.prompt)
-    speeds: dict[int, float] = {}
-    produced: dict[int, list[int]] = {}
-    for threads in job.thread_counts:
-        set_threads(threads)
-        stepper.truncate(base)
-        speeds[threads], produced[threads] = decode_run(stepper, first, job.decode_tokens)
-    best = max(speeds, key=lambda t: speeds[t])
-    set_threads(best)
-    stepper.truncate(base)
-    draft = draft_tokens(produced[best], job.prompt, max(job.ks))
-    costs = verify_costs(stepper, base, draft, job.ks, job.repeats)
-    return {
-        "decode_tok_s": {str(t): s for t, s in speeds.items()},
-        "threads": best,
-        "tokens": produced[best],
-        "verify_ms": {str(k): ms for k, ms in costs.items()},
-    }
-
-
-# -- engines (run inside the child) ------------------------------------------------------------
-
-
-class SledStepper:
-    def __init__(self, backend: Any) -> None:
-        import torch
-
-        self._torch = torch
-        self.backend = backend
-        self.slot = backend.cache.allocate()
-
-    def _pass(self, ids: Sequence[int], last_only: bool) -> Any:
-        x = self._torch.tensor(list(ids), dtype=self._torch.int64)
-        return self.backend.forward([self.slot], [x], last_only=last_only)[0]
-
-    def prefill(self, ids: Sequence[int]) -> int:
-        return int(self._pass(ids, last_only=True)[-1].argmax())
-
-    def step(self, token: int) -> int:
-        return int(self._pass([token], last_only=True)[-1].argmax())
-
-    def verify(self, ids: Sequence[int]) -> None:
-        self._pass(ids, last_only=False)
-
-    def truncate(self, length: int) -> None:
-        self.backend.cache.truncate(self.slot, length)
-
-
-class TransformersStepper:
-    def __init__(self, model: Any) -> None:
-        import torch
-        from transformers import DynamicCache
-
-        self._torch = torch
-        self.model = model
-        self.cache = DynamicCache(config=model.config)
-
-    def _pass(self, ids: Sequence[int], keep: int) -> Any:
-        x = self._torch.tensor([list(ids)], dtype=self._torch.int64)
-        with self._torch.inference_mode():
-            out = self.model(
-                input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=keep
-            )
-        return out.logits
-
-    def prefill(self, ids: Sequence[int]) -> int:
-        return int(self._pass(ids, keep=1)[0, -1].argmax())
-
-    def step(self, token: int) -> int:
-        return int(self._pass([token], keep=1)[0, -1].argmax())
-
-    def verify(self, ids: Sequence[int]) -> None:
-        self._pass(ids, keep=0)  # 0: logits for every position
-
-    def truncate(self, length: int) -> None:
-        self.cache.crop(length - self.cache.get_seq_length())  # crop takes -(tokens to drop)
-
-
-class LlamaCppStepper:
-    """llama.cpp through llama_cpp's C API: one sequence, our own batch (logits where asked)."""
-
-    def __init__(self, llm: Any, max_tokens: int) -> None:
-        import llama_cpp
-        import numpy as np
-
-        self._lib, self._np = llama_cpp, np
-        self.ctx = llm.ctx
-        self.n_vocab = int(llm.n_vocab())
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(max_tokens, 0, 1)
-        self.max_tokens = max_tokens
-        self.n_past = 0
-
-    def _decode(self, ids: Sequence[int], all_logits: bool) -> None:
-        if not 0 < len(ids) <= self.max_tokens:
-            raise BenchError(f"llama.cpp batch of {len(ids)} tokens (max {self.max_tokens})")
-        batch = self.batch
-        batch.n_tokens = len(ids)
-        for i, token in enumerate(ids):
-            batch.token[i] = token
-            batch.pos[i] = self.n_past + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = all_logits or i == len(ids) - 1
-        status = self._lib.llama_decode(self.ctx, batch)
-        if status != 0:
-            raise BenchError(f"llama_decode returned {status}")
-        self._lib.llama_synchronize(self.ctx)
-        self.n_past += len(ids)
-
-    def _last_argmax(self) -> int:
-        logits = self._lib.llama_get_logits_ith(self.ctx, -1)
-        return int(self._np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
-
-    def prefill(self, ids: Sequence[int]) -> int:
-        self._decode(ids, all_logits=False)
-        return self._last_argmax()
-
-    def step(self, token: int) -> int:
-        self._decode([token], all_logits=False)
-        return self._last_argmax()
-
-    def verify(self, ids: Sequence[int]) -> None:
-        self._decode(ids, all_logits=True)
-
-    def truncate(self, length: int) -> None:
-        self._lib.llama_memory_seq_rm(self.memory, 0, length, -1)
-        self.n_past = length
-
-    def close(self) -> None:
-        self._lib.llama_batch_free(self.batch)
-
-
-def _cache_files(root: Path) -> frozenset[tuple[str, int]]:
-    """(path, size) of every file under a weight cache root: a load that changes it missed."""
-    if not root.is_dir():
-        return frozenset()
-    return frozenset((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*.pt"))
-
-
-def run_sled(job: Job) -> dict[str, Any]:
-    import torch
-
-    from models.backend import UnsupportedBackendError, load_backend
-    from models.weight_cache import default_root
-    from models.weight_formats import UnsupportedWeightFormatError
-
-    root = Path(job.cache_dir) if job.cache_dir else default_root()
-    before = _cache_files(root)
-    start = time.perf_counter()
-    try:
-        backend = load_backend(
-            job.model_path,
-            backend=job.backend,
-            weights=job.fmt,
-            max_slots=1,
-            max_len=job.max_len,
-            threads=job.threads,
-            cache_root=root,
-        )
-    except (UnsupportedBackendError, UnsupportedWeightFormatError) as exc:
-        return {"unavailable": str(exc)}
-    load_s = time.perf_counter() - start
-    result: dict[str, Any] = {
-        "load_s": load_s,
-        "load_kind": "cached" if _cache_files(root) == before else "cold",
-    }
-    if job.action == "run":
-        result |= measure(SledStepper(backend), job, torch.set_num_threads)
-    return result
-
-
-def transformers_cache_dir(model_path: Path, root: Path) -> Path:
-    """Where the bench keeps transformers' conversion of a GGUF (safetensors, fp32)."""
-    from models.weight_cache import file_digest
-
-    return root / "transformers" / file_digest(model_path)
-
-
-def run_transformers(job: Job) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if job.fmt not in dtypes:
-        raise BenchError(f"transformers dtype {job.fmt!r} (choose from {', '.join(dtypes)})")
-    torch.set_num_threads(job.threads)
-    saved = Path(job.cache_dir)
-    cached = job.action == "run" and (saved / "config.json").is_file()
-    gguf = Path(job.model_path)
-    start = time.perf_counter()
-    if cached:
-        model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtypes[job.fmt])
-    else:  # the cold path: transformers dequantizes the GGUF itself
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=dtypes[job.fmt]
-        )
-    load_s = time.perf_counter() - start
-    result: dict[str, Any] = {"load_s": load_s, "load_kind": "cached" if cached else "cold"}
-    if not cached and job.fmt == "fp32" and not (saved / "config.json").is_file():
-        # Keep the exact fp32 conversion so later runs load it in seconds; rename = atomic.
-        # The weights are plain fp32 tensors now; only the GGUF marker blocks save_pretrained.
-        setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as non-optional)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = saved.with_name(f".{saved.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tmp.replace(saved)
-    if job.action == "run":
-        model.eval()
-        result |= measure(TransformersStepper(model), job, torch.set_num_threads)
-    return result
-
-
-def run_llamacpp(job: Job) -> dict[str, Any]:
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"unavailable": LLAMACPP_MISSING}
-    start = time.perf_counter()
-    llm = llama_cpp.Llama(
-        model_path=job.model_path,
-        n_ctx=job.max_len,
-        n_batch=max(512, len(job.prompt)),
-        n_threads=job.threads,
-        n_threads_batch=job.threads,
-        verbose=False,
-    )
-    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_kind": "cached"}
-    if job.action == "run":
-        stepper = LlamaCppStepper(llm, max(len(job.prompt), max(job.ks)))
-
-        def set_threads(threads: int) -> None:
-            llama_cpp.llama_set_n_threads(llm.ctx, threads, threads)
-
-        try:
-            result |= measure(stepper, job, set_threads)
-        finally:
-            stepper.close()
-    return result
-
-
-ENGINES: Mapping[str, Callable[[Job], dict[str, Any]]] = {
-    SLED: run_sled,
-    TRANSFORMERS: run_transformers,
-    LLAMACPP: run_llamacpp,
-}
-
-
-def worker_main(job_json: str) -> int:
-    job = Job.from_json(job_json)
-    result = ENGINES[job.engine](job)
-    result["self_peak_rss_mb"] = peak_rss_mb()
-    print(json_line(result))
-    return 0
 
 
 # -- what the parent runs ----------------------------------------------------------------------
@@ -491,6 +138,8 @@ class Row:
     cold_peak_rss_mb: float | None = None
     peak_rss_mb: float | None = None
     decode_tok_s: float | None = None
+    decode_mean_tok_s: float | None = None
+    cpu_share: float | None = None
     decode_by_threads: tuple[tuple[int, float], ...] = ()
     threads: int | None = None
     verify_ms: tuple[tuple[int, float], ...] = ()
@@ -631,7 +280,7 @@ def format_tables(rows: Sequence[Row], ks: Sequence[int]) -> str:
     """Two plain-text tables: load/memory/decode, and verify cost per k."""
     ref = reference_row(rows)
     head = ["engine/format", "threads (tok/s)", "load cold s", "load cached s", "peak RSS MB",
-            "cold RSS MB", "decode tok/s", f"same tokens as {ref.target.label if ref else '-'}"]  # fmt: skip
+            "cold RSS MB", "decode tok/s", "mean tok/s", "CPU share", f"same tokens as {ref.target.label if ref else '-'}"]  # fmt: skip
     lines = [head]
     for r in rows:
         if r.note:
@@ -650,6 +299,8 @@ def format_tables(rows: Sequence[Row], ks: Sequence[int]) -> str:
                 _cell(r.peak_rss_mb, ".0f"),
                 _cell(r.cold_peak_rss_mb, ".0f"),
                 _cell(r.decode_tok_s, ".2f"),
+                _cell(r.decode_mean_tok_s, ".2f"),
+                _cell(r.cpu_share, ".2f"),
                 match,
             ]
         )
@@ -721,7 +372,7 @@ class Runner:
     def child(self, job: Job) -> tuple[dict[str, Any], float]:
         """Run one job; its result and the child's peak RSS (MB)."""
         command = pinned_command(
-            python_module_command("bench.decode", ["--worker", job.to_json()]), self.cores
+            python_module_command("bench.decode_worker", [job.to_json()]), self.cores
         )
         done = run_child(command, env=self.env, timeout_s=self.opts.child_timeout_s)
         result = done.last_json()
@@ -761,6 +412,8 @@ class Runner:
             cold_peak_rss_mb=cold_rss,
             peak_rss_mb=rss,
             decode_tok_s=max(speeds.values()),
+            decode_mean_tok_s=float(run["decode_mean_tok_s"]),
+            cpu_share=float(run["cpu_share"]),
             decode_by_threads=tuple(sorted(speeds.items())),
             threads=int(run["threads"]),
             verify_ms=tuple((int(k), float(ms)) for k, ms in run["verify_ms"].items()),
@@ -832,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
             + "/".join(QUICK_TRANSFORMERS_DTYPES)
             + " only, and no cold loads (sled loads from the user's weight cache; transformers' "
             "GGUF conversion runs only when its cache is empty). --smoke: tiny-model settings "
-            "for tests (4 decode tokens, 1 repeat, sled torch/fp32 and torch/int8, transformers "
+            "for tests (4 decode tokens, 1 repeat, sled torch/fp32 only, transformers "
             "fp32). Transformers is given its best thread count <= --threads (tried at 1 and "
             "--threads); sled and llama.cpp run at --threads."
         ),
@@ -850,7 +503,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--no-cold", action="store_true", help="skip cold loads (as --quick)")
     parser.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per child")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
 
@@ -863,11 +515,7 @@ def options_from(args: argparse.Namespace) -> Options:
     if tokens < 1 or repeats < 1:
         raise BenchError("--tokens and --repeats must be >= 1")
     default_pairs = (
-        (("torch", "fp32"), ("torch", "int8"))
-        if args.smoke
-        else QUICK_SLED_PAIRS
-        if args.quick
-        else SLED_PAIRS
+        (("torch", "fp32"),) if args.smoke else QUICK_SLED_PAIRS if args.quick else SLED_PAIRS
     )
     dtypes = (
         args.transformers_dtypes
@@ -902,10 +550,8 @@ def run_bench(opts: Options) -> dict[str, Any]:
     model_path = resolve_model(opts.model)
     prompt = prompt_ids(model_path)
     transformers_dir = transformers_cache_dir(model_path, cache_root() / "bench")
-    transformers_dir.parent.mkdir(parents=True, exist_ok=True)
-    targets = plan_targets(
-        opts, gguf_file_type(model_path), (transformers_dir / "config.json").is_file()
-    )
+    cached = all(transformers_cached(transformers_dir, d) for d in opts.transformers_dtypes)
+    targets = plan_targets(opts, gguf_file_type(model_path), cached)
     runner = Runner(opts, model_path, prompt)
     log(
         f"{model_path.name}: prompt {len(prompt)} tokens, {opts.threads} threads on cores "
@@ -939,8 +585,6 @@ def run_bench(opts: Options) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.worker is not None:
-        return worker_main(args.worker)
     from models.registry import RegistryError
 
     try:

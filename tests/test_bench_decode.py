@@ -12,23 +12,25 @@ import torch
 
 from bench.common import BenchError, last_json_line, pick_cores, run_child
 from bench.decode import (
-    LLAMACPP,
-    SLED,
-    TRANSFORMERS,
     VERIFY_KS,
-    Job,
     Row,
-    SledStepper,
     Target,
     baseline_thread_counts,
     best_row,
     build_parser,
-    draft_tokens,
     headline,
     main,
-    measure,
     options_from,
     pick_verify_row,
+)
+from bench.decode_worker import (
+    LLAMACPP,
+    SLED,
+    TRANSFORMERS,
+    Job,
+    SledStepper,
+    draft_tokens,
+    measure,
 )
 from models.backend import load_backend
 
@@ -162,7 +164,7 @@ def test_smoke_run_on_tiny_model(
         assert key in figures
     assert figures["verify_cost"]["1"] == 1.0
     assert set(figures["verify_cost"]) == {str(k) for k in VERIFY_KS}
-    assert figures["verify_format"] in ("torch/fp32", "torch/int8")
+    assert figures["verify_format"] == "torch/fp32"
     assert figures["decode_vs_transformers"] > 0
     loads = figures["load_s"]
     assert loads["sled torch/fp32"]["cold"] > 0 and loads["sled torch/fp32"]["cached"] > 0
@@ -178,5 +180,14 @@ def test_smoke_run_on_tiny_model(
         assert figures["decode_vs_llamacpp"] is None
         assert "llama.cpp: missing" in out
     assert "decode tok/s" in out and "k=16 ms" in out
-    # The converted transformers model was cached under the temporary XDG cache only.
-    assert list((tmp_path / "cache" / "sled" / "bench" / "transformers").iterdir())
+    # transformers' conversion was cached (every dtype) under the temporary XDG cache only.
+    (converted,) = (tmp_path / "cache" / "sled" / "bench" / "transformers").iterdir()
+    assert sorted(p.name for p in converted.iterdir()) == ["bf16", "fp32"]
+    assert "CPU share" in out
+
+
+def test_worker_refuses_a_bad_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.decode_worker import main as worker_main
+
+    assert worker_main([]) == 2
+    assert "usage" in capsys.readouterr().err

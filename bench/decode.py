@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class Target:
     fmt: str
     measure_cold: bool
     thread_counts: tuple[int, ...]
+    verify: bool = True
 
     @property
     def label(self) -> str:
@@ -125,6 +127,7 @@ class Options:
     transformers_dtypes: tuple[str, ...]
     llamacpp: bool
     cold: bool
+    baseline_verify: bool  # transformers' verify cost (for reference only; slow)
     child_timeout_s: float
 
 
@@ -140,7 +143,7 @@ class Row:
     decode_tok_s: float | None = None
     decode_mean_tok_s: float | None = None
     cpu_share: float | None = None
-    decode_by_threads: tuple[tuple[int, float], ...] = ()
+    threads_probe: tuple[tuple[int, float], ...] = ()  # tok/s of a short decode per count
     threads: int | None = None
     verify_ms: tuple[tuple[int, float], ...] = ()
     tokens: tuple[int, ...] = ()
@@ -172,7 +175,8 @@ def plan_targets(opts: Options, gguf_type: str, transformers_cached: bool) -> li
     for i, dtype in enumerate(opts.transformers_dtypes):
         # Only the first (fp32 if asked) measures the GGUF conversion; it also fills the cache.
         cold = i == 0 and (opts.cold or not transformers_cached)
-        targets.append(Target(TRANSFORMERS, "", dtype, cold, baseline_thread_counts(opts.threads)))
+        counts = baseline_thread_counts(opts.threads)
+        targets.append(Target(TRANSFORMERS, "", dtype, cold, counts, opts.baseline_verify))
     return targets
 
 
@@ -279,7 +283,7 @@ def _cell(value: float | None, fmt: str) -> str:
 def format_tables(rows: Sequence[Row], ks: Sequence[int]) -> str:
     """Two plain-text tables: load/memory/decode, and verify cost per k."""
     ref = reference_row(rows)
-    head = ["engine/format", "threads (tok/s)", "load cold s", "load cached s", "peak RSS MB",
+    head = ["engine/format", "threads (probe tok/s)", "load cold s", "load cached s", "peak RSS MB",
             "cold RSS MB", "decode tok/s", "mean tok/s", "CPU share", f"same tokens as {ref.target.label if ref else '-'}"]  # fmt: skip
     lines = [head]
     for r in rows:
@@ -320,9 +324,9 @@ def format_tables(rows: Sequence[Row], ks: Sequence[int]) -> str:
 
 def _threads_cell(row: Row) -> str:
     """The thread count used, and tok/s at each count tried when there were several."""
-    if len(row.decode_by_threads) < 2:
+    if len(row.threads_probe) < 2:
         return str(row.threads)
-    tried = ", ".join(f"{t}: {s:.2f}" for t, s in row.decode_by_threads)
+    tried = ", ".join(f"{t}: {s:.2f}" for t, s in row.threads_probe)
     return f"{row.threads} ({tried})"
 
 
@@ -365,7 +369,7 @@ class Runner:
             thread_counts=target.thread_counts,
             decode_tokens=self.opts.decode_tokens,
             repeats=self.opts.repeats,
-            ks=self.opts.ks,
+            ks=self.opts.ks if target.verify else (),
             cache_dir=cache_dir,
         )
 
@@ -397,24 +401,26 @@ class Runner:
             if "unavailable" in cold:
                 return Row(target, note=f"unavailable: {cold['unavailable']}")
             cold_s = float(cold["load_s"])
-        log(f"{target.label}: load, decode {self.opts.decode_tokens} tokens, verify")
+        what = "verify" if target.verify else "no verify"
+        log(f"{target.label}: load, decode {self.opts.decode_tokens} tokens, {what}")
         run, rss = self.child(self.job(target, "run", cache_dir))
         if "unavailable" in run:
             return Row(target, note=f"unavailable: {run['unavailable']}")
         cached_s: float | None = float(run["load_s"])
         if run["load_kind"] == "cold":  # nothing was cached: this load was the cold one
             cold_s, cold_rss, cached_s = cached_s, None, None
-        speeds = {int(t): float(s) for t, s in run["decode_tok_s"].items()}
         return Row(
             target,
             load_cold_s=cold_s,
             load_cached_s=cached_s,
             cold_peak_rss_mb=cold_rss,
             peak_rss_mb=rss,
-            decode_tok_s=max(speeds.values()),
+            decode_tok_s=float(run["decode_tok_s"]),
             decode_mean_tok_s=float(run["decode_mean_tok_s"]),
             cpu_share=float(run["cpu_share"]),
-            decode_by_threads=tuple(sorted(speeds.items())),
+            threads_probe=tuple(
+                sorted((int(t), float(s)) for t, s in run["threads_probe_tok_s"].items())
+            ),
             threads=int(run["threads"]),
             verify_ms=tuple((int(k), float(ms)) for k, ms in run["verify_ms"].items()),
             tokens=tuple(int(t) for t in run["tokens"]),
@@ -477,17 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.decode",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "--quick (under two minutes with caches filled): 24 decode tokens, 3 repeats per k "
-            "(k still up to 16), sled pairs "
+        epilog=textwrap.fill(
+            "--quick (about a minute on an idle machine with caches filled) skips: cold loads "
+            "(sled loads from the user's caches, reported as cold if it had to convert; "
+            "transformers' GGUF conversion runs only when its cache is empty), the sled pairs "
+            "other than "
             + ", ".join(f"{b}/{f}" for b, f in QUICK_SLED_PAIRS)
-            + ", transformers "
+            + ", transformers dtypes other than "
             + "/".join(QUICK_TRANSFORMERS_DTYPES)
-            + " only, and no cold loads (sled loads from the user's weight cache; transformers' "
-            "GGUF conversion runs only when its cache is empty). --smoke: tiny-model settings "
-            "for tests (4 decode tokens, 1 repeat, sled torch/fp32 only, transformers "
-            "fp32). Transformers is given its best thread count <= --threads (tried at 1 and "
-            "--threads); sled and llama.cpp run at --threads."
+            + ", and transformers' verify costs; it times 16 decode tokens and 2 passes per k "
+            "(k still up to 16). --smoke: tiny-model settings for tests (4 decode tokens, 1 "
+            "repeat, sled torch/fp32, transformers fp32). Threads: sled and llama.cpp run at "
+            "--threads; transformers gets its best count <= --threads (each count probed with "
+            "a 6-token decode; torch fp32 with MKL can be slower on more threads). Decode tok/s "
+            "is 1 / the median step time; the mean and the CPU share the process got are shown "
+            "too, since other work on the machine skews single runs."
         ),
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name or .gguf path")
@@ -495,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the fast subset (see below)")
     mode.add_argument("--smoke", action="store_true", help="tiny-model settings for tests")
-    parser.add_argument("--tokens", type=int, help="timed decode steps (default 64, quick 24)")
-    parser.add_argument("--repeats", type=int, help="timed passes per k (default 5, quick 3)")
+    parser.add_argument("--tokens", type=int, help="timed decode steps (default 64, quick 16)")
+    parser.add_argument("--repeats", type=int, help="timed passes per k (default 5, quick 2)")
     parser.add_argument("--ks", type=_ks, default=VERIFY_KS, help="verify sizes, e.g. 1,2,4,8,16")
     parser.add_argument("--pairs", type=_pairs, help="sled backend/format list, e.g. torch/int8")
     parser.add_argument("--transformers-dtypes", type=_csv, help="subset of fp32,bf16; '' skips")
@@ -510,8 +520,8 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.threads < 1:
         raise BenchError(f"--threads must be >= 1, got {args.threads}")
     light = args.quick or args.smoke
-    tokens = args.tokens or (4 if args.smoke else 24 if args.quick else 64)
-    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 5)
+    tokens = args.tokens or (4 if args.smoke else 16 if args.quick else 64)
+    repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
     if tokens < 1 or repeats < 1:
         raise BenchError("--tokens and --repeats must be >= 1")
     default_pairs = (
@@ -540,6 +550,7 @@ def options_from(args: argparse.Namespace) -> Options:
         transformers_dtypes=dtypes,
         llamacpp=not args.no_llamacpp,
         cold=not (args.no_cold or args.quick),
+        baseline_verify=not args.quick,
         child_timeout_s=args.child_timeout,
     )
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from bench.common import BenchError, json_line, peak_rss_mb
 
 SLED, LLAMACPP, TRANSFORMERS = "sled", "llama.cpp", "transformers"
+PROBE_STEPS = 6  # decode steps per thread count when looking for a baseline's best count
 LLAMACPP_MISSING = "llama.cpp: missing (pip install llama-cpp-python==0.3.36 builds it, ~15 min)"
 
 
@@ -55,7 +56,7 @@ class Job:
 
     @property
     def max_len(self) -> int:
-        return len(self.prompt) + self.decode_tokens + max(self.ks) + 8
+        return len(self.prompt) + self.decode_tokens + max(self.ks, default=0) + 8
 
 
 class Stepper(Protocol):
@@ -137,25 +138,33 @@ def verify_costs(
 
 
 def measure(stepper: Stepper, job: Job, set_threads: Callable[[int], None]) -> dict[str, Any]:
-    """Prefill the prompt, time decode at each thread count, then verify at the fastest."""
+    """Prefill the prompt; with several thread counts, probe each with a short decode and keep
+    the fastest; time the full decode there, then verify (when job.ks is not empty)."""
     base = len(job.prompt)
     first = stepper.prefill(job.prompt)
-    runs: dict[int, DecodeRun] = {}
-    for threads in job.thread_counts:
-        set_threads(threads)
-        stepper.truncate(base)
-        runs[threads] = decode_run(stepper, first, job.decode_tokens, threads)
-    best = max(runs, key=lambda t: runs[t].tok_s)
+    probed: dict[int, float] = {}
+    if len(job.thread_counts) > 1:
+        for threads in job.thread_counts:
+            set_threads(threads)
+            stepper.truncate(base)
+            steps = min(PROBE_STEPS, job.decode_tokens)
+            probed[threads] = decode_run(stepper, first, steps, threads).tok_s
+    best = max(probed, key=lambda t: probed[t]) if probed else job.thread_counts[0]
     set_threads(best)
     stepper.truncate(base)
-    draft = draft_tokens(runs[best].tokens, job.prompt, max(job.ks))
-    costs = verify_costs(stepper, base, draft, job.ks, job.repeats)
+    run = decode_run(stepper, first, job.decode_tokens, best)
+    costs: dict[int, float] = {}
+    if job.ks:
+        stepper.truncate(base)
+        draft = draft_tokens(run.tokens, job.prompt, max(job.ks))
+        costs = verify_costs(stepper, base, draft, job.ks, job.repeats)
     return {
-        "decode_tok_s": {str(t): r.tok_s for t, r in runs.items()},
-        "decode_mean_tok_s": runs[best].mean_tok_s,
-        "cpu_share": runs[best].cpu_share,
+        "decode_tok_s": run.tok_s,
+        "decode_mean_tok_s": run.mean_tok_s,
+        "cpu_share": run.cpu_share,
         "threads": best,
-        "tokens": list(runs[best].tokens),
+        "threads_probe_tok_s": {str(t): s for t, s in probed.items()},
+        "tokens": list(run.tokens),
         "verify_ms": {str(k): ms for k, ms in costs.items()},
     }
 
@@ -391,7 +400,7 @@ def run_llamacpp(job: Job) -> dict[str, Any]:
     )
     result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_kind": "cached"}
     if job.action == "run":
-        stepper = LlamaCppStepper(llm, max(len(job.prompt), max(job.ks)))
+        stepper = LlamaCppStepper(llm, max(len(job.prompt), max(job.ks, default=1)))
 
         def set_threads(threads: int) -> None:
             llama_cpp.llama_set_n_threads(llm.ctx, threads, threads)

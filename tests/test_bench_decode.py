@@ -44,7 +44,6 @@ def _row(engine: str, fmt: str, tok_s: float, verify: dict[int, float], backend:
         load_cached_s=1.0,
         peak_rss_mb=100.0,
         decode_tok_s=tok_s,
-        decode_by_threads=((2, tok_s),),
         threads=2,
         verify_ms=tuple(verify.items()),
         tokens=(1, 2, 3, 4),
@@ -143,6 +142,7 @@ def test_measure_restores_the_cache_and_decodes_greedily(tiny_paths: dict[str, P
     assert all(ms > 0 for ms in result["verify_ms"].values())
     tokens = result["tokens"]
     assert len(tokens) == 6 + 2
+    assert result["threads"] == 1 and result["threads_probe_tok_s"] == {}
     # The same greedy continuation from one full pass over prompt + tokens (no cache tricks).
     slot = backend.cache.allocate()
     logits = backend.forward([slot], [torch.tensor(list(prompt) + tokens[:-1])])[0]
@@ -191,3 +191,12 @@ def test_worker_refuses_a_bad_command_line(capsys: pytest.CaptureFixture[str]) -
 
     assert worker_main([]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_measure_probes_thread_counts_and_can_skip_verify(tiny_paths: dict[str, Path]) -> None:
+    backend = load_backend(tiny_paths["qwen2"], weights="fp32", max_slots=1, use_cache=False)
+    job = Job(SLED, "torch", "fp32", "run", "", tuple(range(3, 20)), 2, (1, 2), 4, 1, (), "")
+    result = measure(SledStepper(backend), job, torch.set_num_threads)
+    assert set(result["threads_probe_tok_s"]) == {"1", "2"}
+    assert result["threads"] in (1, 2) and result["verify_ms"] == {}
+    assert result["decode_tok_s"] > 0 and result["cpu_share"] > 0

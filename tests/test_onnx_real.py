@@ -5,6 +5,10 @@ the reference here. Stated tolerances: onnx fp32 logits within 2e-3 of torch fp3
 kernels, same math); int8 / int4 (MatMulNBits, re-quantized from the dequantized GGUF with blocks
 of 32; int4 keeps the head and embedding at 8 / 4 bits): top-1 agreement with fp32 and perplexity
 delta on a fixed ~700-token text within the bounds below. Observed values are printed (-s).
+
+Observed here: onnx fp32 max |logit diff| 1.3e-4 (Gemma 3 270M) / 1.0e-4 (Qwen2.5 1.5B);
+int8 top-1 97.4% / 97.9%, ppl 7.358 vs 7.419 / 5.457 vs 5.465; int4 top-1 89.9% / 93.0%,
+ppl 7.706 vs 7.419 / 5.565 vs 5.465 (Gemma's file is mostly Q5_0/Q8_0, so int4 moves it more).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from tests.hf_reference import FIXED_TEXT, our_logits, perplexity, top1_agreemen
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-MIN_TOP1 = {"int8": 0.93, "int4": 0.80}
-MAX_PPL_DELTA = {"int8": 0.03, "int4": 0.15}
+MIN_TOP1 = {"int8": 0.95, "int4": 0.85}
+MAX_PPL_DELTA = {"int8": 0.02, "int4": 0.06}
 
 
 @pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-1.5b-instruct"])

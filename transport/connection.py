@@ -450,9 +450,9 @@ class Connection(asyncio.BufferedProtocol):
                 self._dispatch(frame)
             else:
                 self._handshake_step(frame)
-        if bodies and self._reader.backlogged():
-            # uvloop can read many large frames before any handler runs; rather than take
-            # fresh memory for the next one, let the handlers run (and free buffers) first.
+        if self._reader.large_frame_done and self._state == OPEN:
+            # uvloop reads on while data is there (up to 32 reads per wakeup): let the handlers
+            # run first, so that the next large frame can reuse the buffer they release.
             self._pause_reading()
             self._loop.call_soon(self._resume_reading)
 

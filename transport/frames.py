@@ -27,13 +27,12 @@ import msgpack
 import numpy as np
 
 from transport.errors import FrameError
-from transport.schema import Message, Registry, schema_of
+from transport.schema import Message, MessageSchema, Registry, schema_of
 from transport.tensors import (
     LIB_NUMPY,
     LIB_TORCH,
     MAX_NDIM,
     WIRE_DTYPES,
-    expected_nbytes,
     from_wire,
     to_wire,
 )
@@ -49,6 +48,7 @@ _PAD: Final = bytes(ALIGN)
 _HEADER_KEYS: Final = frozenset({"v", "k", "i", "m", "f", "t"})
 _REQUIRED_KEYS: Final = frozenset({"v", "k", "i", "m", "f"})
 _FIRST_HEADER_READ: Final = 4096
+_RECENT_HEADERS: Final = 4
 _NO_TENSORS: Final[Mapping[str, object]] = MappingProxyType({})
 _unpackb: Final = msgpack.unpackb
 
@@ -152,40 +152,50 @@ def _unpack_header(body: memoryview, limits: Limits, try_whole: bool = True) -> 
             raise FrameError("bad_header", f"header is not valid msgpack ({exc})") from None
 
 
+_DTYPE_SIZES: Final = {name: dtype.itemsize for name, dtype in WIRE_DTYPES.items()}
+
+
 def _tensor_specs(raw: object, limits: Limits) -> list[tuple[str, str, tuple[int, ...], int, str]]:
-    if not isinstance(raw, tuple):
+    # Runs for every frame with tensors: plain loops and exact type checks (msgpack gives
+    # exact ints, strs and tuples; `type(d) is int` also refuses bools, as it must).
+    if type(raw) is not tuple:
         raise FrameError("bad_header", "tensor table ('t') must be an array")
     if len(raw) > limits.max_tensors:
         raise FrameError("too_many_tensors", f"{len(raw)} tensors, limit {limits.max_tensors}")
     specs = []
     for index, entry in enumerate(raw):
-        where = f"tensor #{index}"
-        if not (isinstance(entry, tuple) and len(entry) == 5):
-            raise FrameError("bad_tensor", f"{where}: expected [field, dtype, shape, nbytes, lib]")
-        name, dtype, shape, nbytes, lib = entry
-        if not isinstance(name, str):
-            raise FrameError("bad_tensor", f"{where}: field name must be a string")
-        if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
-            raise FrameError("bad_tensor", f"{where} ({name}): unknown dtype {dtype!r}")
-        if (
-            not isinstance(shape, tuple)
-            or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
+        if type(entry) is not tuple or len(entry) != 5:
             raise FrameError(
-                "bad_tensor", f"{where} ({name}): shape must be at most {MAX_NDIM} integers >= 0"
+                "bad_tensor", f"tensor #{index}: expected [field, dtype, shape, nbytes, lib]"
             )
-        if (
-            not isinstance(nbytes, int)
-            or isinstance(nbytes, bool)
-            or nbytes != expected_nbytes(dtype, shape)
-        ):
+        name, dtype, shape, nbytes, lib = entry
+        if type(name) is not str:
+            raise FrameError("bad_tensor", f"tensor #{index}: field name must be a string")
+        itemsize = _DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+        if itemsize is None:
+            raise FrameError("bad_tensor", f"tensor #{index} ({name}): unknown dtype {dtype!r}")
+        count = 1
+        if type(shape) is tuple and len(shape) <= MAX_NDIM:
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    count = -1
+                    break
+                count *= d
+        else:
+            count = -1
+        if count < 0:
             raise FrameError(
                 "bad_tensor",
-                f"{where} ({name}): byte length {nbytes!r} != shape {list(shape)} x {dtype} size",
+                f"tensor #{index} ({name}): shape must be at most {MAX_NDIM} integers >= 0",
             )
-        if lib not in (LIB_NUMPY, LIB_TORCH):
-            raise FrameError("bad_tensor", f"{where} ({name}): unknown library tag {lib!r}")
+        if type(nbytes) is not int or nbytes != count * itemsize:
+            raise FrameError(
+                "bad_tensor",
+                f"tensor #{index} ({name}): byte length {nbytes!r} != "
+                f"shape {list(shape)} x {dtype} size",
+            )
+        if lib != LIB_NUMPY and lib != LIB_TORCH:
+            raise FrameError("bad_tensor", f"tensor #{index} ({name}): unknown library tag {lib!r}")
         specs.append((name, dtype, shape, nbytes, lib))
     return specs
 
@@ -204,6 +214,8 @@ class Codec:
         self._schemas = dict(registry.by_name)
         self._packer = msgpack.Packer(autoreset=True)
         self._small = min(_FIRST_HEADER_READ, limits.max_header)
+        self._recent: list[_Header] = []  # headers of recent large frames, newest first
+        self._probe = 0  # bytes to compare with them: the longest one
 
     def encode(self, kind: Kind, request_id: int, message: Message) -> list[bytes | memoryview]:
         """Buffers to write in order (length prefix included); tensors are not copied."""
@@ -268,15 +280,28 @@ class Codec:
         size = len(body)
         if size > limits.max_frame:
             raise FrameError("frame_too_large", f"frame of {size} bytes, limit {limits.max_frame}")
-        view = memoryview(body) if isinstance(body, bytearray) else body.data
-        if size <= self._small:  # inline fast path of _unpack_header for the common case
-            try:
-                header, used = _unpackb(body, raw=False, use_list=False, strict_map_key=True), size
-            except msgpack.ExtraData:
-                header, used = _unpack_header(view, limits, try_whole=False)
-            except (ValueError, TypeError, msgpack.UnpackException) as exc:
-                raise FrameError("bad_header", f"header is not valid msgpack ({exc})") from None
-        else:
+        small = self._small
+        if size > small and self._recent:
+            known = self._known_header(body)
+            if known is not None:
+                return self._with_tensors(known, body, size)
+        try:
+            # Most headers fit in the first `small` bytes: parse them in place. A frame with
+            # tensors then raises ExtraData, which tells where the header ends.
+            header, used = (
+                _unpackb(
+                    body if size <= small else body[:small],
+                    raw=False,
+                    use_list=False,
+                    strict_map_key=True,
+                ),
+                min(size, small),
+            )
+        except msgpack.ExtraData as extra:
+            header, used = extra.unpacked, min(size, small) - len(extra.extra)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            # Invalid, or a header longer than `small`: the incremental parser says which.
+            view = memoryview(body) if isinstance(body, bytearray) else body.data
             header, used = _unpack_header(view, limits, try_whole=False)
         if type(header) is not dict:
             raise FrameError("bad_header", f"header must be a map, got {type(header).__name__}")
@@ -314,16 +339,58 @@ class Codec:
                 )
             return Frame(_KINDS[kind_value], request_id, schema.build(fields, _NO_TENSORS))
         specs = _tensor_specs(header["t"], limits)
-        offset = _aligned(used) if specs else used
-        expected = offset + sum(_aligned(s[3]) for s in specs)
+        offset = (used + ALIGN - 1) & -ALIGN if specs else used
+        placed: list[tuple[str, str, tuple[int, ...], int, str]] = []
+        for tname, dtype, shape, nbytes, lib in specs:
+            if any(tname == p[0] for p in placed):
+                raise FrameError("bad_tensor", f"{name}: tensor {tname!r} sent twice")
+            placed.append((tname, dtype, shape, offset, lib))
+            offset += (nbytes + ALIGN - 1) & -ALIGN
+        head = _Header(b"", _KINDS[kind_value], request_id, schema, fields, tuple(placed), offset)
+        frame = self._with_tensors(head, body, size)
+        if size > small:  # remember the header of a valid large frame (see _known_header)
+            start = body[:used]
+            raw = start.tobytes() if isinstance(start, np.ndarray) else bytes(start)
+            self._recent = [head._replace(raw=raw), *self._recent[: _RECENT_HEADERS - 1]]
+            self._probe = max(len(h.raw) for h in self._recent)
+        return frame
+
+    def _known_header(self, body: Body) -> _Header | None:
+        """A recent large frame's header if `body` starts with the very same bytes.
+
+        msgpack is self-delimiting: a parser fed these bytes stops after exactly them, so the
+        header, and every check made on it, would come out the same. Consecutive frames of a
+        stream or a series of notifications share their header (shapes included), and this
+        spares them the parsing and validation (the plain fields are still checked by build).
+        """
+        prefix = body[: self._probe]
+        start = prefix.tobytes() if isinstance(prefix, np.ndarray) else bytes(prefix)
+        for head in self._recent:
+            if start.startswith(head.raw):
+                return head
+        return None
+
+    def _with_tensors(self, head: _Header, body: Body, size: int) -> Frame:
+        _, kind, request_id, schema, fields, placed, expected = head
         if expected != size:
             raise FrameError(
                 "length_mismatch", f"frame has {size} bytes, its header describes {expected}"
             )
-        tensors: dict[str, object] = {}
-        for tname, dtype, shape, nbytes, lib in specs:
-            if tname in tensors:
-                raise FrameError("bad_tensor", f"{name}: tensor {tname!r} sent twice")
-            tensors[tname] = from_wire(view, offset, dtype, shape, lib)
-            offset += _aligned(nbytes)
-        return Frame(_KINDS[kind_value], request_id, schema.build(fields, tensors))
+        tensors = {
+            tname: from_wire(body, at, dtype, shape, lib) for tname, dtype, shape, at, lib in placed
+        }
+        return Frame(kind, request_id, schema.build(fields, tensors))
+
+
+class _Header(NamedTuple):
+    """A validated header of a frame with tensors, as `Codec._known_header` reuses it."""
+
+    raw: bytes  # its exact bytes (empty until remembered)
+    kind: Kind
+    request_id: int
+    schema: MessageSchema
+    fields: object  # plain fields as msgpack gave them; build() checks them per frame
+    placed: tuple[
+        tuple[str, str, tuple[int, ...], int, str], ...
+    ]  # name, dtype, shape, offset, lib
+    size: int  # body length the header describes

@@ -394,8 +394,8 @@ class MessageSchema:
         except Mismatch as exc:
             raise exc.as_frame_error(self.name) from None
         if tensors or self.tensor_fields:
-            stray = sorted(name for name in tensors if name not in self.tensor_names)
-            if stray:
+            if not self.tensor_names.issuperset(tensors):
+                stray = sorted(name for name in tensors if name not in self.tensor_names)
                 raise FrameError("bad_tensor", f"{self.name}: no tensor field(s) named {stray}")
             for f in self.tensor_fields:
                 if f.name in tensors:

@@ -107,16 +107,14 @@ def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 
 def from_wire(
-    buffer: bytearray | memoryview, offset: int, dtype: str, shape: tuple[int, ...], lib: str
+    buffer: bytearray | np.ndarray, offset: int, dtype: str, shape: tuple[int, ...], lib: str
 ) -> Any:
     """A numpy array or torch tensor viewing `buffer[offset:]` (no copy).
 
     The caller has validated dtype, shape and bounds (see `frames.decode_body`).
     """
-    storage = WIRE_DTYPES[dtype]
-    array = np.frombuffer(buffer, dtype=storage, count=math.prod(shape), offset=offset).reshape(
-        shape
-    )
+    # One ndarray over the buffer (rather than frombuffer + reshape): this runs per tensor.
+    array = np.ndarray(shape, WIRE_DTYPES[dtype], buffer, offset)
     if lib == LIB_NUMPY and dtype != "bfloat16":
         return array
     try:

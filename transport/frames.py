@@ -259,7 +259,9 @@ class Codec:
                 "header_too_large", f"header of {len(packed)} bytes, limit {limits.max_header}"
             )
         head_len = _aligned(len(packed))
-        body_len = head_len + sum(_aligned(v.nbytes) for v in views)
+        body_len = head_len
+        for view in views:
+            body_len += (view.nbytes + ALIGN - 1) & -ALIGN
         if body_len > limits.max_frame:
             raise FrameError(
                 "frame_too_large", f"frame of {body_len} bytes, limit {limits.max_frame}"

@@ -83,8 +83,23 @@ def _torch_wire(tensor: torch.Tensor) -> tuple[str, np.ndarray]:
     return name, tensor.numpy()
 
 
+# Wire names of the numpy dtypes that need no conversion (native order is the wire's
+# little-endian order here; on a big-endian host nothing matches and _numpy_wire converts).
+# A dict lookup: `dtype.name` runs Python code inside numpy (~20k instructions per call).
+_WIRE_NAMES: Final[Mapping[np.dtype[Any], str]] = MappingProxyType(
+    {np.dtype(name): name for name, dtype in WIRE_DTYPES.items() if name != "bfloat16"}
+)
+
+
 def to_wire(value: object) -> tuple[str, tuple[int, ...], str, memoryview]:
     """(dtype name, shape, library, bytes view) of a tensor, sharing its memory when possible."""
+    if type(value) is np.ndarray:
+        # Fast path: a C-contiguous, non-empty array of a wire dtype in wire byte order.
+        name = _WIRE_NAMES.get(value.dtype)
+        if name is not None and value.dtype == WIRE_DTYPES[name] and value.ndim <= MAX_NDIM:
+            view = memoryview(value)  # type: ignore[arg-type]
+            if view.c_contiguous and view.nbytes:
+                return name, value.shape, LIB_NUMPY, view.cast("B")
     if isinstance(value, np.ndarray):
         name, array = _numpy_wire(value)
         lib = LIB_NUMPY

@@ -162,6 +162,8 @@ class _Credit:
 class Context:
     """What a handler gets with the message: who asked, and `push` for streams."""
 
+    __slots__ = ("connection", "request_id", "kind")  # one per handled frame: cheap to build
+
     def __init__(self, conn: Connection, request_id: int, kind: Kind) -> None:
         self.connection = conn
         self.request_id = request_id
@@ -283,7 +285,8 @@ class Connection(asyncio.BufferedProtocol):
         self._streams: dict[int, Stream] = {}
         self._credits: dict[int, _Credit] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._notify_tasks: set[asyncio.Task[None]] = set()
+        self._notify_tasks: dict[int, asyncio.Task[None]] = {}  # by a sequence number
+        self._notify_seq = itertools.count()
         self._writable = asyncio.Event()
         self._writable.set()
         self._reading_paused = False
@@ -478,7 +481,7 @@ class Connection(asyncio.BufferedProtocol):
             )
         self._state = CLOSED
         self._fail_waiters(self._close_error)
-        for task in list(self._tasks.values()) + list(self._notify_tasks):
+        for task in list(self._tasks.values()) + list(self._notify_tasks.values()):
             task.cancel()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
@@ -645,15 +648,15 @@ class Connection(asyncio.BufferedProtocol):
             return
         if kind is _STREAM:
             self._credits[rid] = _Credit()
-        task = self._loop.create_task(self._run_handler(kind, rid, msg))
         if kind is _NOTIFY:
-            self._notify_tasks.add(task)
+            seq = next(self._notify_seq)
+            self._notify_tasks[seq] = self._loop.create_task(self._run_handler(kind, rid, msg, seq))
         else:
-            self._tasks[rid] = task
+            self._tasks[rid] = self._loop.create_task(self._run_handler(kind, rid, msg))
         if len(self._tasks) + len(self._notify_tasks) >= self.config.max_inflight:
             self._pause_reading()
 
-    async def _run_handler(self, kind: Kind, rid: int, msg: Message) -> None:
+    async def _run_handler(self, kind: Kind, rid: int, msg: Message, seq: int = 0) -> None:
         ctx = Context(self, rid, kind)
         self.app_frames_handled += 1
         reply: Message | None
@@ -687,11 +690,12 @@ class Connection(asyncio.BufferedProtocol):
             )
             self._write_quietly(_END if kind is _STREAM else _REPLY, rid, Error(exc.code, exc.text))
         finally:
-            self._credits.pop(rid, None)
             if kind is _NOTIFY:
-                self._notify_tasks.discard(asyncio.current_task())
+                self._notify_tasks.pop(seq, None)
             else:
                 self._tasks.pop(rid, None)
+                if kind is _STREAM:
+                    self._credits.pop(rid, None)
             if (
                 self._reading_paused
                 and len(self._tasks) + len(self._notify_tasks) < self.config.max_inflight

@@ -50,6 +50,7 @@ from bench.decode_worker import (
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 VERIFY_KS = (1, 2, 4, 8, 16)
 VERIFY_REFERENCE_K = 8  # verify_format: lowest cost per token at this k
+CONTENDED_SHARE = 0.8  # a row whose decode got less of its cores than this was slowed by others
 SLED_PAIRS = (
     ("torch", "fp32"),
     ("torch", "bf16"),
@@ -271,6 +272,7 @@ def headline(rows: Sequence[Row], opts: Options) -> dict[str, Any]:
                 if ref is not None and r is not ref and r.tokens
             },
         },
+        "contended": [r.target.label for r in measured if contended(r)],
         "model": opts.model,
         "quick": opts.quick,
     }
@@ -304,7 +306,7 @@ def format_tables(rows: Sequence[Row], ks: Sequence[int]) -> str:
                 _cell(r.cold_peak_rss_mb, ".0f"),
                 _cell(r.decode_tok_s, ".2f"),
                 _cell(r.decode_mean_tok_s, ".2f"),
-                _cell(r.cpu_share, ".2f"),
+                _cell(r.cpu_share, ".2f") + ("*" if contended(r) else ""),
                 match,
             ]
         )
@@ -319,7 +321,18 @@ def format_tables(rows: Sequence[Row], ks: Sequence[int]) -> str:
             + [f"{cost[k]:.1f}" for k in ks]
             + [_cell(ratio(cost[k], cost.get(1), 2), ".2f") for k in ks if k != 1]
         )
-    return _table(lines) + "\n\n" + _table(verify_lines)
+    note = ""
+    if any(contended(r) for r in rows):
+        note = (
+            f"\n* got less than {CONTENDED_SHARE:.0%} of its cores while decoding (other work "
+            "on the machine): its speeds are understated; rerun when the machine is quiet"
+        )
+    return _table(lines) + note + "\n\n" + _table(verify_lines)
+
+
+def contended(row: Row) -> bool:
+    """The row's decode got clearly less CPU than its threads could use."""
+    return row.cpu_share is not None and row.cpu_share < CONTENDED_SHARE
 
 
 def _threads_cell(row: Row) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -18,6 +19,7 @@ from bench.decode import (
     baseline_thread_counts,
     best_row,
     build_parser,
+    format_tables,
     headline,
     main,
     options_from,
@@ -85,8 +87,18 @@ def test_headline_picks_fastest_decoder_and_cheapest_verifier() -> None:
     assert figures["verify_cost"] == {"1": 1.0, "8": 1.3}
     assert figures["transformers_best"] == "bf16 @2 threads"
     assert "sled onnx/int4" not in figures["peak_rss_mb"]
+    assert figures["contended"] == []
     assert best_row(rows, "nothing") is None
     assert pick_verify_row(rows[:1], (1, 8)) is None  # no sled row measured
+
+
+def test_rows_slowed_by_other_work_are_flagged() -> None:
+    busy = dataclasses.replace(_row(SLED, "int8", 10.0, {1: 100.0}, backend="torch"), cpu_share=0.4)
+    quiet = dataclasses.replace(_row(LLAMACPP, "Q4_K_M", 20.0, {1: 40.0}), cpu_share=0.97)
+    figures = headline([busy, quiet], options_from(build_parser().parse_args([])))
+    assert figures["contended"] == ["sled torch/int8"]
+    text = format_tables([busy, quiet], (1,))
+    assert "0.40*" in text and "0.97*" not in text and "understated" in text
 
 
 def test_headline_without_baselines_gives_null_ratios() -> None:

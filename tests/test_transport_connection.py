@@ -226,6 +226,64 @@ async def test_silent_peer_is_declared_dead_and_waiters_fail() -> None:
         server.close()
 
 
+class QuietDialer(Connection):
+    """A dialer that sends no heartbeats, so that a test can write raw bytes on its socket."""
+
+    async def _heartbeat_loop(self) -> None:
+        await asyncio.sleep(30)
+
+
+async def quiet_dial(listener: Listener) -> QuietDialer:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(
+        lambda: QuietDialer(Identity("slow", KEY), None, FAST, dialer=True, host="127.0.0.1"),
+        "127.0.0.1",
+        listener.port,
+    )
+    await asyncio.wait_for(conn.wait_ready(), 2)
+    return conn
+
+
+async def test_a_large_frame_trickling_in_keeps_its_sender_alive(
+    server: tuple[Server, Listener],
+) -> None:
+    """The receiver waits for most of a large frame before it reads (SO_RCVLOWAT), so reads
+    stop meaning "the peer is alive" meanwhile; bytes arriving must count instead. And a
+    small frame right after the large one must not wait for anything."""
+    _, listener = server
+    conn = await quiet_dial(listener)
+    tokens = np.arange(200_000)  # 1.6 MB, sent over ~1.6 s while the peer's limit is 0.5 s
+    data = encode_frame_bytes(Frame(Kind.REQUEST, 10_000, Tokens("double", tokens)), Limits())
+    reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+    conn._pending[10_000] = reply
+    assert conn._transport is not None
+    step = len(data) // 16 + 1
+    for start in range(0, len(data), step):
+        conn._transport.write(data[start : start + step])
+        await asyncio.sleep(0.1)
+    doubled = await asyncio.wait_for(reply, 2)
+    assert isinstance(doubled, Tokens) and np.array_equal(doubled.tokens, tokens * 2)
+    started = time.monotonic()
+    await asyncio.wait_for(conn.ping(), 2)
+    assert time.monotonic() - started < 0.3  # not held back by the large frame's wait
+
+
+async def test_a_peer_that_stops_inside_a_large_frame_is_declared_dead(
+    server: tuple[Server, Listener],
+) -> None:
+    _, listener = server
+    conn = await quiet_dial(listener)
+    (accepted,) = listener.connections
+    data = encode_frame_bytes(Frame(Kind.NOTIFY, 0, Tokens("s", np.arange(200_000))), Limits())
+    assert conn._transport is not None
+    conn._transport.write(data[: len(data) // 3])
+    started = time.monotonic()
+    await asyncio.wait_for(accepted.wait_closed(), 3)
+    assert isinstance(accepted.close_error, PeerDeadError)
+    assert time.monotonic() - started < FAST.timing.dead_after + 0.5
+    conn.abort()
+
+
 async def test_bad_frame_closes_only_that_peers_connection(server: tuple[Server, Listener]) -> None:
     _, listener = server
     bad, good = await dial(listener, "bad"), await dial(listener, "good")

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import re
+import socket
+import sys
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -78,6 +82,8 @@ M = TypeVar("M", bound=Message)
 NODE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 HANDSHAKE, OPEN, CLOSING, CLOSED = "handshake", "open", "closing", "closed"
+# Most bytes of a large frame to wait for in one wakeup (see Connection._wake_at).
+RCVLOWAT_MAX: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,9 @@ class Connection(asyncio.BufferedProtocol):
         self._reader = FrameReader(self.config.limits)
         # The protocol's get_buffer is the reader's own: one Python call less per socket read.
         self.get_buffer = self._reader.get_buffer  # type: ignore[method-assign]
+        self._socket: socket.socket | None = None  # for SO_RCVLOWAT (Linux), see _wake_at
+        self._rcvlowat = 1
+        self._inq_seen = -1
         self._codec = Codec(self.config.registry, self.config.limits)
         self._state = HANDSHAKE
         self._ready: asyncio.Future[None] = self._loop.create_future()
@@ -417,6 +426,9 @@ class Connection(asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=self.config.write_high, low=self.config.write_low)
+        sock = transport.get_extra_info("socket")
+        if sys.platform == "linux" and sock is not None and sock.type == socket.SOCK_STREAM:
+            self._socket = sock
         self._last_rx = self._loop.time()
         self._timers.append(
             self._loop.call_later(self.config.timing.handshake_timeout, self._handshake_expired)
@@ -439,6 +451,9 @@ class Connection(asyncio.BufferedProtocol):
         except FrameError as exc:
             self._violation(exc)
             return
+        missing = self._reader.missing
+        if (missing or self._rcvlowat != 1) and self._socket is not None:
+            self._wake_at(min(missing, RCVLOWAT_MAX) or 1)
         decode = self._codec.decode
         for body in bodies:
             if self._state not in (HANDSHAKE, OPEN):
@@ -458,6 +473,33 @@ class Connection(asyncio.BufferedProtocol):
             # run first, so that the next large frame can reuse the buffer they release.
             self._pause_reading()
             self._loop.call_soon(self._resume_reading)
+
+    def _wake_at(self, nbytes: int) -> None:
+        """Has the kernel wake us only once `nbytes` are queued (SO_RCVLOWAT) while a large
+        frame arrives: one read per large frame instead of one per burst of segments. Set back
+        to 1 between frames, so that a small frame is never held back."""
+        if nbytes == self._rcvlowat or self._socket is None:
+            return
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        except OSError:  # not supported here: read as data comes
+            self._socket = None
+            return
+        self._rcvlowat = nbytes
+
+    def _still_receiving(self) -> bool:
+        """While we wait for a large frame's bytes (SO_RCVLOWAT above 1) no read counts as the
+        peer's sign of life; bytes piling up in the socket do."""
+        if self._rcvlowat == 1 or self._socket is None:
+            return False
+        try:
+            queued = int.from_bytes(
+                fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder
+            )
+        except OSError:
+            return False
+        grew, self._inq_seen = queued != self._inq_seen, queued
+        return grew
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -770,6 +812,8 @@ class Connection(asyncio.BufferedProtocol):
         next_beat = 0.0
         while self._state == OPEN:
             now = self._loop.time()
+            if self._still_receiving():
+                self._last_rx = now
             silent = now - self._last_rx
             if not self._reading_paused and silent > timing.dead_after:
                 self._shutdown(

@@ -91,6 +91,12 @@ class FrameReader:
             self._pool.append(fresh)
         return fresh
 
+    @property
+    def missing(self) -> int:
+        """Bytes still to come of the large frame being read in place (0 between frames)."""
+        big = self._big
+        return 0 if big is None else len(big) - self._filled
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next bytes from the socket should go (never empty; sizehint is ignored)."""
         if self._big is not None:

@@ -157,3 +157,26 @@ def pad_inputs(
             )
         hidden[i, : x.shape[0]] = x
     return hidden
+
+
+@dataclass(frozen=True)
+class PreparedPass:
+    """A backend's padded pass, ready to run: per-session counts, padded x, rope and masks."""
+
+    counts: list[int]
+    x: torch.Tensor
+    inputs: BatchInputs
+
+
+def prepare_pass(
+    config: ModelConfig,
+    first: bool,
+    past_lens: Sequence[int],
+    inputs: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    freq_factors: torch.Tensor | None = None,
+) -> PreparedPass:
+    """What every backend does before running its graph on one ragged batch."""
+    counts = new_token_counts(past_lens, inputs)
+    x = pad_inputs(config, first, inputs, max(counts), dtype)
+    return PreparedPass(counts, x, batch_inputs(config, past_lens, counts, dtype, freq_factors))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models.batch_inputs import batch_inputs, new_token_counts, pad_inputs
+from models.batch_inputs import BadBatchError, prepare_pass
 from models.config import ModelConfig
 from models.decoder import DecoderCore
 from models.kv_cache import KVCache
@@ -47,12 +47,15 @@ class TorchBackend:
         self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
     ) -> list[torch.Tensor]:
         """One padded pass over several sessions (see models.backend.Backend.forward)."""
-        counts = new_token_counts(slots, inputs)
-        self.cache.check_room(slots, counts)
+        if len(slots) != len(inputs):
+            raise BadBatchError(f"{len(slots)} slots for {len(inputs)} inputs")
+        self.cache.check_room(slots, [int(x.shape[0]) for x in inputs])
         past = [self.cache.length(s) for s in slots]
-        t = max(counts)
-        x = pad_inputs(self.config, self.first, inputs, t, self.dtype)
-        bi = batch_inputs(self.config, past, counts, self.dtype, self.rope_freq_factors)
+        prepared = prepare_pass(
+            self.config, self.first, past, inputs, self.dtype, self.rope_freq_factors
+        )
+        counts, bi = prepared.counts, prepared.inputs
+        x = prepared.x
         with torch.inference_mode():
             past_k, past_v = self.cache.gather(slots, bi.past_len)
             out, new_k, new_v = self.core(

@@ -110,6 +110,26 @@ def test_every_message_type_round_trips(
     assert_same_message(msg, frame.message)
 
 
+@pytest.mark.parametrize("name", sorted(REGISTRY.by_name))
+@SETTINGS
+@given(data=st.data(), kind=st.sampled_from(list(Kind)), rid=st.integers(0, 2**63 - 1))
+def test_headers_are_the_bytes_msgpack_gives_for_the_header_map(
+    name: str, data: st.DataObject, kind: Kind, rid: int
+) -> None:
+    """The encoder composes header bytes from packed pieces; they must be exactly what
+    msgpack packs for the map {"v", "k", "i", "m", "f"[, "t"]}, whatever the message."""
+    msg = data.draw(message_strategy(REGISTRY.by_name[name]))
+    codec = Codec(REGISTRY, LIMITS)
+    for _ in range(2):  # the second time with the remembered tensor table
+        first = bytes(codec.encode(kind, rid, msg)[0])
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+        unpacker.feed(first[PREFIX.size :])
+        header = unpacker.unpack()
+        assert list(header)[:5] == ["v", "k", "i", "m", "f"] and len(header) in (5, 6)
+        assert (header["k"], header["i"], header["m"]) == (kind, rid, name)
+        assert msgpack.packb(header) == first[PREFIX.size : PREFIX.size + unpacker.tell()]
+
+
 @pytest.mark.parametrize(
     ("dtype", "lib"),
     [

@@ -49,6 +49,10 @@ _HEADER_KEYS: Final = frozenset({"v", "k", "i", "m", "f", "t"})
 _REQUIRED_KEYS: Final = frozenset({"v", "k", "i", "m", "f"})
 _FIRST_HEADER_READ: Final = 4096
 _RECENT_HEADERS: Final = 4
+_TENSOR_TABLES: Final = 64
+# Packed header pieces: the map with 5 (6 with tensors) entries, "v": version, "k": kind.
+_HEADER_START: Final = b"\x85\xa1v" + msgpack.packb(PROTOCOL_VERSION) + b"\xa1k"
+_TENSOR_HEADER_START: Final = b"\x86" + _HEADER_START[1:]
 _NO_TENSORS: Final[Mapping[str, object]] = MappingProxyType({})
 _unpackb: Final = msgpack.unpackb
 
@@ -65,6 +69,7 @@ class Kind(IntEnum):
 
 
 _KINDS: Final = tuple(Kind)
+_KIND_BYTES: Final = tuple(msgpack.packb(int(kind)) for kind in Kind)
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,8 @@ class Codec:
         self._small = min(_FIRST_HEADER_READ, limits.max_header)
         self._max_small = min(limits.max_header, limits.max_frame)  # a frame without tensors
         self._recent: list[_Header] = []  # headers of recent large frames, newest first
+        self._named: dict[str, bytes] = {}  # packed "m" entry and "f" key, by message name
+        self._tables: dict[tuple[object, ...], bytes] = {}  # packed "t" entries, see encode
         self._probe = 0  # bytes to compare with them: the longest one
 
     def encode(self, kind: Kind, request_id: int, message: Message) -> list[bytes | memoryview]:
@@ -228,43 +235,60 @@ class Codec:
         if schema is None or schema.cls is not type(message):
             schema = schema_of(message)  # raises the TypeError that explains it
         plain, tensors = schema.split(message)
-        header: dict[str, object] = {
-            "v": PROTOCOL_VERSION,
-            "k": int(kind),  # an IntEnum costs msgpack ~2 us more than an int
-            "i": request_id,
-            "m": schema.name,
-            "f": plain,
-        }
-        limits = self.limits
+        pack = self._packer.pack
+        named = self._named.get(schema.name)
+        if named is None:
+            named = self._named[schema.name] = b"\xa1m" + pack(schema.name) + b"\xa1f"
+        # The header map, key by key, in the order {"v", "k", "i", "m", "f"[, "t"]}: the very
+        # bytes msgpack gives for that dict, without building it (tests compare the two).
         if not tensors:
-            packed = self._packer.pack(header)
+            packed = b"".join(
+                (_HEADER_START, _KIND_BYTES[kind], b"\xa1i", pack(request_id), named, pack(plain))
+            )
             if len(packed) > self._max_small:
-                if len(packed) > limits.max_header:
-                    raise FrameError(
-                        "header_too_large",
-                        f"header of {len(packed)} bytes, limit {limits.max_header}",
-                    )
+                self._refuse_header(len(packed))
                 raise FrameError(
-                    "frame_too_large", f"frame of {len(packed)} bytes, limit {limits.max_frame}"
+                    "frame_too_large",
+                    f"frame of {len(packed)} bytes, limit {self.limits.max_frame}",
                 )
             return [PREFIX.pack(len(packed)) + packed]
+        limits = self.limits
         if len(tensors) > limits.max_tensors:
             raise FrameError(
                 "too_many_tensors", f"{len(tensors)} tensors, limit {limits.max_tensors}"
             )
         views: list[memoryview] = []
-        specs = []
+        described = []
         for name, value in tensors:
             dtype, shape, lib, view = to_wire(value)
-            specs.append([name, dtype, list(shape), view.nbytes, lib])
+            described.append((name, dtype, shape, lib))
             views.append(view)
-        header["t"] = specs
-        packed = self._packer.pack(header)
-        if len(packed) > limits.max_header:
-            raise FrameError(
-                "header_too_large", f"header of {len(packed)} bytes, limit {limits.max_header}"
+        # The tensor table depends only on names, dtypes, shapes and libraries (all strs and
+        # ints): a series of frames of the same shapes packs it once.
+        key = tuple(described)
+        table = self._tables.get(key)
+        if table is None:
+            specs = [
+                [n, d, list(sh), v.nbytes, lb] for (n, d, sh, lb), v in zip(key, views, strict=True)
+            ]
+            table = b"\xa1t" + pack(specs)
+            if len(self._tables) >= _TENSOR_TABLES:
+                self._tables.clear()
+            self._tables[key] = table
+        packed = b"".join(
+            (
+                _TENSOR_HEADER_START,
+                _KIND_BYTES[kind],
+                b"\xa1i",
+                pack(request_id),
+                named,
+                pack(plain),
+                table,
             )
-        head_len = _aligned(len(packed))
+        )
+        if len(packed) > limits.max_header:
+            self._refuse_header(len(packed))
+        head_len = (len(packed) + ALIGN - 1) & -ALIGN
         body_len = head_len
         for view in views:
             body_len += (view.nbytes + ALIGN - 1) & -ALIGN
@@ -273,14 +297,20 @@ class Codec:
                 "frame_too_large", f"frame of {body_len} bytes, limit {limits.max_frame}"
             )
         out: list[bytes | memoryview] = [
-            PREFIX.pack(body_len) + packed + _PAD[: head_len - len(packed)]
+            b"".join((PREFIX.pack(body_len), packed, _PAD[: head_len - len(packed)]))
         ]
         for view in views:
             out.append(view)
-            pad = _aligned(view.nbytes) - view.nbytes
+            pad = -view.nbytes & (ALIGN - 1)
             if pad:
                 out.append(_PAD[:pad])
         return out
+
+    def _refuse_header(self, length: int) -> None:
+        if length > self.limits.max_header:
+            raise FrameError(
+                "header_too_large", f"header of {length} bytes, limit {self.limits.max_header}"
+            )
 
     def decode(self, body: Body) -> Frame:
         """See `decode_body`."""

@@ -1,23 +1,29 @@
 """Transport bench: sled frames against raw sockets on the same loopback, side by side.
 
-    python bench/transport.py [--quick]
+    python bench/transport.py [--quick] [--pin]
 
 Two figures, each measured for three senders in many short alternating rounds against servers
-started once (the best round of each sender is kept, and the median is shown beside it):
+started once:
 
 * throughput: 200 frames each carrying a 1.5 MiB tensor (an `activations` message), sent one
   way, then one acknowledged sync. Raw baselines send the very same frame bytes and the
   receiver only counts them (into one reused buffer): a blocking socket, and an asyncio
   (uvloop) BufferedProtocol. sled decodes every frame into a numpy view and runs a handler.
-* round trip: 2000 small requests and their replies, one at a time. Raw baselines echo the bytes of a
-  ping frame with the bytes of a pong frame (no parsing); sled runs `Connection.ping()`, which
-  encodes, decodes, validates and matches the reply to its request id.
+* round trip: 2000 small requests and their replies, one at a time. Raw baselines echo the
+  bytes of a ping frame with the bytes of a pong frame (no parsing); sled runs
+  `Connection.ping()`, which encodes, decodes, validates and matches the reply to its id.
 
-Receiver and sender run in separate processes (with --pin, on separate cores; on a machine
-shared with other work, pinning made every sender slower, so it is off by default).
-The ratios in the last line are sled / raw asyncio (uvloop) sockets, the baseline with the same
-event-loop machinery, each side taken as the median of its best third of rounds (see
-`best_third`); the blocking-socket ratios are printed above it.
+Each round also records the CPU time both processes spent (the kernel's nanosecond
+accounting, /proc/<pid>/task/*/schedstat; the sender reads its own with process_time): per
+frame for each end, and per round trip for both ends together. On a machine shared with other
+work the wall-clock figures move with the load from round to round; CPU time moves much less
+(it still grows when other work evicts our caches). The "CPU time" throughput ratio compares
+the busier end per frame (raw/sled); the round-trip one, both ends together (sled/raw).
+
+Receiver and sender run in separate processes (with --pin, on separate cores). Every figure
+is the median of the best third of that sender's rounds (see `best_third`). The ratios in the
+JSON line are sled / raw asyncio (uvloop) sockets, the baseline with the same event-loop
+machinery; the blocking-socket ratios are printed above it.
 """
 
 from __future__ import annotations
@@ -159,8 +165,8 @@ def serve_blocking(sock: socket.socket) -> None:
 
 
 class RawUvloopServer(asyncio.BufferedProtocol):
-    def __init__(self) -> None:
-        _, self.ping, self.pong = frame_bytes()
+    def __init__(self, ping: bytes, pong: bytes) -> None:
+        self.ping, self.pong = ping, pong  # built once per process, not per connection
         self.buf = bytearray(4 << 20)
         self.head = bytearray()
         self.kind = b""
@@ -224,7 +230,10 @@ async def serve_sled_async(port_out: Callable[[int], None]) -> None:
 
 
 async def serve_uvloop_async(port_out: Callable[[int], None]) -> None:
-    server = await asyncio.get_running_loop().create_server(RawUvloopServer, "127.0.0.1", 0)
+    _, ping, pong = frame_bytes()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: RawUvloopServer(ping, pong), "127.0.0.1", 0
+    )
     port_out(server.sockets[0].getsockname()[1])
     await asyncio.Event().wait()
 

@@ -535,7 +535,6 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> Options:
     if args.threads < 1:
         raise BenchError(f"--threads must be >= 1, got {args.threads}")
-    light = args.quick or args.smoke
     tokens = args.tokens or (4 if args.smoke else 16 if args.quick else 64)
     repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
     if tokens < 1 or repeats < 1:
@@ -546,8 +545,10 @@ def options_from(args: argparse.Namespace) -> Options:
     dtypes = (
         args.transformers_dtypes
         if args.transformers_dtypes is not None
+        else ("fp32",)  # the exact reference for the tiny model's greedy tokens
+        if args.smoke
         else QUICK_TRANSFORMERS_DTYPES
-        if light
+        if args.quick
         else TRANSFORMERS_DTYPES
     )
     bad = [d for d in dtypes if d not in TRANSFORMERS_DTYPES]

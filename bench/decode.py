@@ -4,7 +4,7 @@ Every engine gets the same token ids (a fixed chat prompt tokenized once by sled
 tokenizer), the same weights file, the same pinned cores and thread count, and runs in its own
 child process, one after another. Per engine and weight format it reports: load time (cold and
 cached), peak RSS of the child, greedy decode tokens/s (decode phase only, KV cache on, one warm-up
-step first), and the cost of one forward pass verifying k = 1, 2, 4, 8, 16 tokens after the
+step first; 1 / the median step time), and the cost of one forward pass verifying k = 1, 2, 4, 8, 16 tokens after the
 prompt, relative to k = 1.
 
 Headline ratios: sled's fastest (backend, format) over transformers' fastest (dtype fp32 or bf16,

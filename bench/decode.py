@@ -61,7 +61,7 @@ SLED_PAIRS = (
     ("onnx", "int4"),
 )
 # --quick: torch int4 decoded fastest and torch bf16 had the flattest verify curve in the full
-# runs on this machine (bench/README-decode.md); onnx int4 is what the design expects to lead.
+# runs on this machine (docs/decode-bench.md); onnx int4 is what the design expects to lead.
 QUICK_SLED_PAIRS = (("torch", "int4"), ("torch", "bf16"), ("onnx", "int4"))
 TRANSFORMERS_DTYPES = ("fp32", "bf16")
 # transformers bf16 decoded faster than fp32 in the full runs here (AVX-512 BF16), so it is

@@ -1,0 +1,197 @@
+"""Drafters: things that propose the next tokens of a session for the target to verify.
+
+A `Drafter` opens one `DraftSession` per session. `propose(committed, k)` gets the session's
+whole committed token sequence (target token ids) and returns a `Draft` of at most k tokens for
+the positions after it. Sessions keep their own incremental state (a KV cache slot, an n-gram
+index) and reuse whatever prefix of it still matches `committed`, so rejected draft tokens cost
+nothing to forget and accepted ones are not recomputed.
+
+Kinds here: `ngram` (prompt lookup, no model) and `model` (a small model with the target's
+tokenizer on any backend: torch, or onnxruntime for devices without torch). The
+cross-tokenizer drafter (another vocabulary, drafting through text) and the drafter trained for
+the target live in their own modules and follow the same protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from models.backend import Backend
+from models.sampling import SamplingParams, position_generator, probabilities
+from models.speculative import DRAFT_SEED_SALT, Draft, common_prefix
+
+SPARSE_Q = 8  # top-m probabilities sent with a sampled draft token
+
+
+class DraftSession(Protocol):
+    kind: str
+
+    def propose(self, committed: Sequence[int], k: int) -> Draft: ...
+
+    def close(self) -> None: ...
+
+
+class Drafter(Protocol):
+    kind: str
+
+    def open(self, params: SamplingParams) -> DraftSession: ...
+
+
+# -- prompt lookup ---------------------------------------------------------------------------
+
+
+def lookup_continuation(
+    tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 2
+) -> list[int]:
+    """Prompt lookup: the up-to-k tokens that followed the latest earlier occurrence of the
+    sequence's last n tokens (n from max_ngram down to min_ngram); [] when none occurs."""
+    if k < 1:
+        return []
+    n_tokens = len(tokens)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if n_tokens <= n:
+            continue
+        tail = list(tokens[n_tokens - n :])
+        # Latest match first: recent text predicts best (and loops in code repeat nearby).
+        for start in range(n_tokens - n - 1, -1, -1):
+            if tokens[start] == tail[0] and list(tokens[start : start + n]) == tail:
+                follow = list(tokens[start + n : start + n + k])
+                if follow:
+                    return follow
+    return []
+
+
+class NgramSession:
+    kind = "ngram"
+
+    def __init__(self, max_ngram: int, min_ngram: int) -> None:
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, committed: Sequence[int], k: int) -> Draft:
+        start = time.perf_counter()
+        tokens = lookup_continuation(committed, k, self.max_ngram, self.min_ngram)
+        return Draft(
+            len(committed), tuple(tokens), kind=self.kind, draft_s=time.perf_counter() - start
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class NgramDrafter:
+    """Prompt-lookup drafting: deterministic (one-hot) proposals, no model."""
+
+    kind = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def open(self, params: SamplingParams) -> NgramSession:
+        return NgramSession(self.max_ngram, self.min_ngram)
+
+
+# -- a small model with the target's tokenizer -----------------------------------------------
+
+
+def draw_sparse(
+    logits: torch.Tensor, params: SamplingParams, seed: int, position: int, m: int = SPARSE_Q
+) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """A draft token from one row of drafter logits, with the sparse q it was drawn from.
+
+    Greedy: the argmax, q None (one-hot). Sampling: the drafter's distribution under the same
+    params, cut to its top m and renormalised; the token is drawn from exactly that, so the
+    verifier's min(1, p/q) uses the true proposal probability."""
+    if params.greedy:
+        return int(logits.argmax()), None, None
+    probs = probabilities(logits, params)
+    top = probs.topk(min(m, probs.shape[-1]))
+    q = top.values / top.values.sum()
+    generator = position_generator(seed ^ DRAFT_SEED_SALT, position)
+    pick = int(torch.multinomial(q, 1, generator=generator))
+    return int(top.indices[pick]), top.indices.to(torch.int64), q.float()
+
+
+class ModelSession:
+    """One session's drafting state on a model backend: a KV slot and the tokens in it."""
+
+    def __init__(self, drafter: ModelDrafter, params: SamplingParams) -> None:
+        self.kind = drafter.kind
+        self._drafter = drafter
+        self._backend = drafter.backend
+        self._params = params
+        self._slot = self._backend.cache.allocate()
+        self._fed: list[int] = []  # token ids whose K/V sit in the slot, in order
+
+    def _feed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append ids to the slot; the logits of the last one."""
+        logits = torch.empty(0)
+        chunk = self._drafter.prefill_chunk
+        for i in range(0, len(ids), chunk):
+            part = torch.tensor(list(ids[i : i + chunk]), dtype=torch.int64)
+            logits = self._backend.forward([self._slot], [part], last_only=True)[0][-1]
+        self._fed.extend(ids)
+        return logits
+
+    def propose(self, committed: Sequence[int], k: int) -> Draft:
+        start = time.perf_counter()
+        cache = self._backend.cache
+        # A session longer than this drafter's context gets empty drafts (target-only steps).
+        k = min(k, cache.max_len - len(committed))
+        if k < 1 or not committed:
+            return Draft(len(committed), (), kind=self.kind)
+        keep = min(common_prefix(self._fed, committed), len(committed) - 1)
+        cache.truncate(self._slot, keep)
+        del self._fed[keep:]
+        logits = self._feed(committed[keep:])
+        tokens: list[int] = []
+        ids_rows: list[torch.Tensor] = []
+        prob_rows: list[torch.Tensor] = []
+        sparse = not self._params.greedy
+        position = len(committed)
+        while True:
+            token, q_ids, q_probs = draw_sparse(
+                logits, self._params, self._params.seed, position + len(tokens)
+            )
+            tokens.append(token)
+            if sparse and q_ids is not None and q_probs is not None:
+                ids_rows.append(q_ids)
+                prob_rows.append(q_probs)
+            if len(tokens) >= k:
+                break
+            logits = self._feed([token])
+        q_ids_t: torch.Tensor | None = None
+        q_probs_t: torch.Tensor | None = None
+        if sparse:
+            q_ids_t, q_probs_t = torch.stack(ids_rows), torch.stack(prob_rows)
+        return Draft(
+            position,
+            tuple(tokens),
+            q_ids_t,
+            q_probs_t,
+            kind=self.kind,
+            draft_s=time.perf_counter() - start,
+        )
+
+    def close(self) -> None:
+        if self._slot in self._backend.cache.slots:
+            self._backend.cache.free(self._slot)
+
+
+class ModelDrafter:
+    """Drafts with a small model that shares the target's token ids, on any Backend."""
+
+    def __init__(self, backend: Backend, kind: str = "model", prefill_chunk: int = 256) -> None:
+        if backend.layers != (0, backend.config.n_layers):
+            raise ValueError("a drafter backend must hold all layers of its model")
+        self.backend = backend
+        self.kind = kind
+        self.prefill_chunk = prefill_chunk
+
+    def open(self, params: SamplingParams) -> ModelSession:
+        return ModelSession(self, params)

@@ -1,0 +1,676 @@
+"""`sled models train-drafter`: distil a small drafter from the target, on the target's own text.
+
+Steps (one time budget for all, `--minutes`):
+1. the target answers the training prompts (continuous batching: many sessions per forward
+   pass, which is where this CPU's throughput is); every generated position keeps the target's
+   top-K next-token distribution as the teacher, so no second teacher pass is needed;
+2. the frozen first L target layers run once over every sequence (their outputs never change);
+3. the reduced vocabulary: the V' target ids with the most teacher mass in that text;
+4. the adapter block (initialised from target layer L), final norm and reduced head (initialised
+   from the target's rows) are trained by distillation: cross-entropy against the teacher's top-K
+   distribution, renormalised over the reduced vocabulary;
+5. the file is saved, loaded back as a node would load it, and measured: next-token agreement
+   with the target's greedy continuations of held-out prompts, and the seconds of one drafter
+   step vs one target step (same backend, weight format and threads, interleaved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.backend import Backend, load_backend
+from models.batch_inputs import batch_inputs
+from models.config import ModelConfig
+from models.decoder import Block, rms_norm
+from models.gguf_loader import GGUFFile
+from models.sampling import SamplingParams, position_generator, probabilities, sample
+from models.trained_drafter import (
+    DrafterWeights,
+    TrainedDrafter,
+    default_drafter_path,
+    save_drafter,
+    target_sha256,
+)
+from models.weight_formats import pack_block
+
+TEACHER_TOP = 8  # teacher probabilities kept per position (the rest of the mass is dropped)
+HELDOUT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "speculative_prompts.json"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    layers: int = 4
+    vocab: int = 16384
+    minutes: float = 50.0
+    gen_share: float = 0.4  # of the budget, for generating training text
+    max_new: int = 192
+    slots: int = 32
+    temperature: float = 0.7
+    top_p: float = 0.95
+    lr: float = 2e-4
+    batch_tokens: int = 2048
+    init_layer: int = -1  # target layer the adapter starts from (-1: layer `layers`)
+    weights: str = "bf16"
+    heldout_new: int = 96
+    seed: int = 0
+    max_prompts: int = 0  # 0: all
+    bf16_autocast: bool = True  # measured ~2x faster training steps on this CPU
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A target-generated sequence with its teacher: rows i predict tokens[n_prompt + i]."""
+
+    tokens: tuple[int, ...]
+    n_prompt: int
+    top_ids: torch.Tensor  # [n_gen, K] int64 target ids
+    top_probs: torch.Tensor  # [n_gen, K] float32
+
+    @property
+    def n_gen(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    path: str
+    target: str
+    layers: int
+    vocab: int
+    train_sequences: int
+    train_tokens: int
+    gen_seconds: float
+    train_seconds: float
+    total_seconds: float
+    steps: int
+    epochs: float
+    agreement_before: float
+    agreement: float
+    heldout_positions: int
+    drafter_step_s: float
+    target_step_s: float
+    cost_ratio: float
+    threads: int
+    losses: list[float] = field(default_factory=list)
+
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- 1. text from the target -------------------------------------------------------------------
+
+
+def generate_samples(
+    backend: Backend,
+    prompts: Sequence[Sequence[int]],
+    max_new: int,
+    stop_ids: Sequence[int],
+    params: SamplingParams,
+    deadline: float = math.inf,
+    desc: str = "generate",
+    show: bool = True,
+) -> list[Sample]:
+    """The target's continuations of `prompts`, batched over the backend's free slots.
+
+    New prompts are prefilled together (one padded pass) when a quarter of the slots is free, so
+    a long prefill never pads every decode step. Stops at `deadline` (partial answers are kept).
+    """
+    cache = backend.cache
+    pending = deque(enumerate(prompts))
+    live: dict[int, tuple[int, list[int], list[torch.Tensor], list[torch.Tensor], int]] = {}
+    done: list[Sample] = []
+    stops = set(stop_ids)
+    admit_at = max(1, cache.max_slots // 4)
+    bar = tqdm(total=len(prompts) * max_new, desc=desc, unit="tok", disable=not show, leave=False)
+
+    def finish(slot: int) -> None:
+        index, tokens, ids, probs, n_prompt = live.pop(slot)
+        cache.free(slot)
+        if ids:
+            done.append(Sample(tuple(tokens), n_prompt, torch.stack(ids), torch.stack(probs)))
+
+    while (pending or live) and time.monotonic() < deadline:
+        free = cache.max_slots - len(cache.slots)
+        if pending and free and (not live or free >= admit_at):
+            batch = [pending.popleft() for _ in range(min(free, len(pending)))]
+            slots = [cache.allocate() for _ in batch]
+            for slot, (index, ids) in zip(slots, batch, strict=True):
+                live[slot] = (index, list(ids), [], [], len(ids))
+            inputs = [torch.tensor(list(ids), dtype=torch.int64) for _, ids in batch]
+        else:
+            slots = list(live)
+            inputs = [torch.tensor(live[s][1][-1:], dtype=torch.int64) for s in slots]
+        outs = backend.forward(slots, inputs, last_only=True)
+        for slot, out in zip(slots, outs, strict=True):
+            index, tokens, ids, probs, n_prompt = live[slot]
+            logits = out[-1]
+            top = torch.softmax(logits.float(), dim=-1).topk(TEACHER_TOP)
+            ids.append(top.indices)
+            probs.append(top.values)
+            position = len(tokens)
+            if params.greedy:
+                token = int(logits.argmax())
+            else:
+                gen = position_generator(params.seed + 7919 * index, position)
+                token = int(sample(probabilities(logits, params), gen))
+            tokens.append(token)
+            bar.update(1)
+            if token in stops or len(tokens) - n_prompt >= max_new or cache.room(slot) < 1:
+                finish(slot)
+    for slot in list(live):
+        finish(slot)
+    bar.close()
+    return done
+
+
+def chat_ids(tokenizer: object, prompt: str) -> list[int]:
+    from models.tokenizer import Tokenizer
+
+    assert isinstance(tokenizer, Tokenizer)
+    if tokenizer.has_chat_template:
+        return tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    return tokenizer.encode(prompt)
+
+
+def heldout_prompts(path: Path = HELDOUT_PROMPTS) -> list[str]:
+    data = json.loads(Path(path).read_text())
+    return [str(p["prompt"]) for p in data["prompts"]]
+
+
+# -- 2-3. frozen features and the reduced vocabulary ------------------------------------------
+
+
+def frozen_hidden(frozen: Backend, samples: Sequence[Sample], show: bool = True) -> list[torch.Tensor]:
+    """Outputs of the frozen first L layers over each whole sequence ([T, dim], bf16)."""
+    out: list[torch.Tensor] = []
+    for s in tqdm(samples, desc="frozen layers", disable=not show, leave=False):
+        slot = frozen.cache.allocate()
+        try:
+            out.append(frozen.forward([slot], [torch.tensor(s.tokens, dtype=torch.int64)])[0])
+        finally:
+            frozen.cache.free(slot)
+    return out
+
+
+def reduced_vocabulary(samples: Sequence[Sample], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` target ids with the most teacher mass (ties by id), sorted by id."""
+    mass = torch.zeros(vocab_size, dtype=torch.float64)
+    for s in samples:
+        mass.index_add_(0, s.top_ids.reshape(-1), s.top_probs.reshape(-1).double())
+        # Text the target wrote counts too (sampled tokens outside its top-K included).
+        mass.index_add_(0, torch.tensor(s.tokens), torch.full((len(s.tokens),), 1e-3, dtype=torch.float64))
+    size = min(size, vocab_size)
+    keep = torch.argsort(-mass, stable=True)[:size]
+    return keep.sort().values
+
+
+# -- 4. the trainable part --------------------------------------------------------------------
+
+
+class DrafterNet(nn.Module):
+    """Adapter block + final norm + reduced head, in float32 with gradients.
+
+    The adapter IS the decoder's own Block (its buffers turned into parameters), so the function
+    trained here is exactly the one TrainedDrafter runs.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        adapter: dict[str, torch.Tensor],
+        final_norm: torch.Tensor,
+        head: torch.Tensor,
+        sliding: bool,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.block = Block(config, adapter, sliding)
+        for module in self.block.modules():
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.is_floating_point():
+                    setattr(module, name, nn.Parameter(buf.detach().float().clone()))
+        self.final_norm = nn.Parameter(final_norm.detach().float().clone())
+        self.head = nn.Parameter(head.detach().float().clone())
+
+    def hidden(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """Adapter outputs [B, T, dim] for padded frozen features x [B, T, dim] (no past)."""
+        b = x.shape[0]
+        bi = batch_inputs(self.config, [0] * b, list(lengths), torch.float32)
+        cos, sin, mask = (
+            (bi.cos_local, bi.sin_local, bi.mask_local)
+            if self.block.sliding
+            else (bi.cos, bi.sin, bi.mask)
+        )
+        c = self.config
+        empty = torch.zeros(b, c.n_kv_heads, 0, c.head_dim)
+        out, _, _ = self.block(x, cos, sin, mask, empty, empty)
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(
+            rms_norm(hidden, self.final_norm, self.config.norm_eps), self.head
+        )
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.block.named_parameters()}
+
+
+def initial_weights(
+    gf: GGUFFile, layers: int, init_layer: int, vocab_ids: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Adapter (packed fp32, from target layer `init_layer`), final norm, reduced head rows."""
+    adapter = pack_block(gf.block(init_layer, torch.float32), "fp32")
+    head = gf.head(torch.float32)[vocab_ids].clone()
+    return adapter, gf.final_norm(torch.float32), head
+
+
+@dataclass(frozen=True)
+class _Example:
+    hidden: torch.Tensor  # [T, dim]
+    start: int  # first position with a teacher row (n_prompt - 1)
+    targets: torch.Tensor  # [n_gen, K] reduced indices (0 where out of vocabulary)
+    weights: torch.Tensor  # [n_gen, K] teacher probabilities renormalised over the vocabulary
+
+
+def make_examples(
+    samples: Sequence[Sample], hidden: Sequence[torch.Tensor], vocab_ids: torch.Tensor, vocab_size: int
+) -> list[_Example]:
+    index = torch.full((vocab_size,), -1, dtype=torch.int64)
+    index[vocab_ids] = torch.arange(len(vocab_ids))
+    out = []
+    for s, h in zip(samples, hidden, strict=True):
+        reduced = index[s.top_ids]
+        probs = s.top_probs.float() * (reduced >= 0)
+        probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        # The teacher rows predict positions n_prompt.. from positions n_prompt-1..; the hidden
+        # state of the last position (which predicts beyond the sequence) is not used.
+        out.append(_Example(h[: len(s.tokens) - 1], s.n_prompt - 1, reduced.clamp(min=0), probs))
+    return out
+
+
+def batches(examples: Sequence[_Example], batch_tokens: int, rng: random.Random) -> list[list[_Example]]:
+    """Length-sorted groups of about batch_tokens padded tokens, in random order."""
+    order = sorted(examples, key=lambda e: e.hidden.shape[0])
+    groups: list[list[_Example]] = []
+    current: list[_Example] = []
+    for e in order:
+        if current and (len(current) + 1) * e.hidden.shape[0] > batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(e)
+    if current:
+        groups.append(current)
+    rng.shuffle(groups)
+    return groups
+
+
+def batch_loss(net: DrafterNet, group: Sequence[_Example]) -> tuple[torch.Tensor, int, int]:
+    """Distillation loss (mean over teacher rows), rows whose argmax matches, rows."""
+    lengths = [e.hidden.shape[0] for e in group]
+    t = max(lengths)
+    x = torch.zeros(len(group), t, net.config.dim)
+    for i, e in enumerate(group):
+        x[i, : lengths[i]] = e.hidden.float()
+    hidden = net.hidden(x, lengths)
+    rows = torch.cat([hidden[i, e.start : lengths[i]] for i, e in enumerate(group)])
+    targets = torch.cat([e.targets for e in group])
+    weights = torch.cat([e.weights for e in group])
+    logp = torch.log_softmax(net.logits(rows), dim=-1)
+    loss = -(logp.gather(1, targets) * weights).sum(dim=-1).mean()
+    hits = int((logp.argmax(dim=-1) == targets[:, 0]).sum())
+    return loss, hits, int(rows.shape[0])
+
+
+def evaluate(net: DrafterNet, examples: Sequence[_Example], options: TrainOptions) -> float:
+    """Fraction of teacher rows whose argmax the net predicts (no gradients)."""
+    hits = rows = 0
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=options.bf16_autocast):
+        for group in batches(examples, options.batch_tokens, random.Random(0)):
+            _, h, n = batch_loss(net, group)
+            hits, rows = hits + h, rows + n
+    return hits / max(1, rows)
+
+
+def train_net(
+    net: DrafterNet,
+    examples: Sequence[_Example],
+    deadline: float,
+    options: TrainOptions,
+    show: bool = True,
+    max_epochs: int = 1000,
+) -> tuple[int, float, list[float]]:
+    """Train until the deadline (or max_epochs); (steps, epochs, mean loss per epoch).
+
+    Every 20th sequence is held back for validation; the weights of the epoch with the best
+    validation agreement are the ones kept (more epochs on little data overfit)."""
+    rng = random.Random(options.seed)
+    val = list(examples[::20]) if len(examples) >= 20 else []
+    train = [e for i, e in enumerate(examples) if not val or i % 20]
+    opt = torch.optim.AdamW(net.parameters(), lr=options.lr, weight_decay=0.0)
+    steps, epoch_losses = 0, []
+    epochs = 0.0
+    best = (evaluate(net, val, options), {k: v.clone() for k, v in net.state_dict().items()})
+    net.train()
+    for epoch in range(max_epochs):
+        groups = batches(train, options.batch_tokens, rng)
+        total, hits, rows, done = 0.0, 0, 0, 0
+        bar = tqdm(groups, desc=f"train epoch {epoch + 1}", disable=not show, leave=False)
+        for group in bar:
+            if time.monotonic() >= deadline:
+                break
+            with torch.autocast("cpu", torch.bfloat16, enabled=options.bf16_autocast):
+                loss, h, n = batch_loss(net, group)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            steps, done = steps + 1, done + 1
+            total += float(loss.detach())
+            hits, rows = hits + h, rows + n
+            bar.set_postfix(loss=f"{total / done:.3f}", agree=f"{hits / max(1, rows):.1%}")
+        bar.close()
+        epochs += done / max(1, len(groups))
+        if done:
+            epoch_losses.append(total / done)
+        if val and done:
+            score = evaluate(net, val, options)
+            if show:
+                tqdm.write(
+                    f"epoch {epoch + 1}: loss {total / done:.3f}, validation agreement {score:.1%}",
+                    file=sys.stderr,
+                )
+            if score >= best[0]:
+                best = (score, {k: v.clone() for k, v in net.state_dict().items()})
+        if time.monotonic() >= deadline:
+            break
+    if val:
+        net.load_state_dict(best[1])
+    return steps, epochs, epoch_losses
+
+
+# -- 5. measurement ---------------------------------------------------------------------------
+
+
+def agreement(drafter: TrainedDrafter, samples: Sequence[Sample]) -> tuple[float, int]:
+    """Fraction of generated positions where the drafter's argmax is the token the target chose
+    (the target's argmax when the samples were generated greedily); and the position count."""
+    hits = total = 0
+    for s in samples:
+        predicted = drafter.next_token_ids(s.tokens[:-1])[s.n_prompt - 1 :]
+        actual = s.tokens[s.n_prompt :]
+        hits += sum(int(p == a) for p, a in zip(predicted, actual, strict=True))
+        total += len(actual)
+    return hits / max(1, total), total
+
+
+def step_costs(
+    target: Backend, drafter: TrainedDrafter, context: Sequence[int], rounds: int = 8
+) -> tuple[float, float]:
+    """Median seconds of one one-token step after `context`: (drafter, target), interleaved."""
+    t_slot = target.cache.allocate()
+    d_slot = drafter.backend.cache.allocate()
+    ids = torch.tensor(list(context), dtype=torch.int64)
+    target.forward([t_slot], [ids], last_only=True)
+    drafter.backend.forward([d_slot], [ids], last_only=True)
+    one = ids[-1:]
+    d_times, t_times = [], []
+    try:
+        for _ in range(rounds + 1):  # the first round warms up and is dropped
+            start = time.perf_counter()
+            drafter.logits(drafter.backend.forward([d_slot], [one], last_only=True)[0][-1])
+            d_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            target.forward([t_slot], [one], last_only=True)
+            t_times.append(time.perf_counter() - start)
+            target.cache.truncate(t_slot, len(context))
+            drafter.backend.cache.truncate(d_slot, len(context))
+    finally:
+        target.cache.free(t_slot)
+        drafter.backend.cache.free(d_slot)
+    return statistics.median(d_times[1:]), statistics.median(t_times[1:])
+
+
+# -- the whole run ----------------------------------------------------------------------------
+
+
+def train_drafter(
+    target_path: Path,
+    out_path: Path,
+    options: TrainOptions,
+    train_texts: Sequence[str],
+    heldout_texts: Sequence[str],
+    target_name: str | None = None,
+    progress: Progress = _quiet,
+    show: bool = True,
+    cache_root: Path | None = None,
+) -> TrainReport:
+    """Generate, train, save and measure a drafter for the target (see the module docstring)."""
+    from models.tokenizer import Tokenizer
+
+    start = time.monotonic()
+    budget = options.minutes * 60.0
+    target_path = Path(target_path)
+    name = target_name or target_path.name.removesuffix(".gguf")
+    gf = GGUFFile(target_path)
+    config = gf.config
+    layers = options.layers
+    if not 1 <= layers <= config.n_layers - 2:
+        raise ValueError(f"--layers must be in [1, {config.n_layers - 2}] for this target")
+    init_layer = layers if options.init_layer < 0 else options.init_layer
+    if not 0 <= init_layer < config.n_layers:
+        raise ValueError(f"init layer must be in [0, {config.n_layers})")
+    tokenizer = Tokenizer.from_gguf(target_path)
+    stop_ids = list(getattr(tokenizer, "stop_ids", ()))
+    banned = set(heldout_texts)
+    texts = [t for t in train_texts if t not in banned]
+    if options.max_prompts:
+        texts = texts[: options.max_prompts]
+    if not texts:
+        raise ValueError("no training prompts left after removing the held-out ones")
+
+    progress(f"loading target {name} ({options.weights}, {options.slots} slots)")
+    max_len = min(config.context_length, 1024)
+    target = load_backend(
+        target_path, weights=options.weights, max_slots=options.slots, max_len=max_len,
+        cache_root=cache_root,
+    )  # fmt: skip
+    train_ids = [chat_ids(tokenizer, t)[: max_len - options.max_new] for t in texts]
+    params = SamplingParams(temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+    gen_start = time.monotonic()
+    samples = generate_samples(
+        target, train_ids, options.max_new, stop_ids, params,
+        deadline=start + options.gen_share * budget, desc="target writes training text", show=show,
+    )  # fmt: skip
+    gen_seconds = time.monotonic() - gen_start
+    if not samples:
+        raise RuntimeError("the time budget ended before the target generated any text")
+    n_tokens = sum(s.n_gen for s in samples)
+    progress(f"training text: {len(samples)} sequences, {n_tokens} generated tokens, {gen_seconds:.0f} s")
+    held_ids = [chat_ids(tokenizer, t)[: max_len - options.heldout_new] for t in heldout_texts]
+    held = generate_samples(
+        target, held_ids, options.heldout_new, stop_ids, SamplingParams(),
+        desc="target answers held-out prompts", show=show,
+    )  # fmt: skip
+
+    frozen = load_backend(
+        target_path, layers=(0, layers), weights=options.weights, max_slots=1, max_len=max_len,
+        cache_root=cache_root,
+    )  # fmt: skip
+    hidden = frozen_hidden(frozen, samples, show)
+    del frozen
+    vocab_ids = reduced_vocabulary(samples, options.vocab, config.vocab_size)
+    adapter, final_norm, head = initial_weights(gf, layers, init_layer, vocab_ids)
+    net = DrafterNet(config, adapter, final_norm, head, config.sliding_layers[layers])
+    sha = target_sha256(target_path)
+
+    def weights_of(info: dict[str, float]) -> DrafterWeights:
+        return DrafterWeights(
+            target_sha256=sha, target_name=name, layers=layers, vocab_ids=vocab_ids,
+            adapter=net.adapter_tensors(), final_norm=net.final_norm.detach().clone(),
+            head=net.head.detach().clone(), info=info,
+        )  # fmt: skip
+
+    before = TrainedDrafter.from_weights(
+        weights_of({}), target_path, options.weights, max_slots=2, max_len=max_len,
+        cache_root=cache_root,
+    )  # fmt: skip
+    agree_before, _ = agreement(before, held)
+    del before
+    progress(f"held-out agreement before training: {agree_before:.1%}")
+
+    examples = make_examples(samples, hidden, vocab_ids, config.vocab_size)
+    reserve = 0.08 * budget  # saving and measuring after training
+    train_start = time.monotonic()
+    steps, epochs, losses = train_net(
+        net, examples, max(train_start + 1.0, start + budget - reserve), options, show
+    )
+    train_seconds = time.monotonic() - train_start
+    progress(f"trained {steps} steps ({epochs:.2f} epochs) in {train_seconds:.0f} s")
+
+    info = {
+        "train_seconds": train_seconds,
+        "gen_seconds": gen_seconds,
+        "train_tokens": float(n_tokens),
+        "epochs": epochs,
+    }
+    save_drafter(weights_of(info), out_path)
+    drafter = TrainedDrafter.load(
+        out_path, target_path, options.weights, max_slots=2, max_len=max_len, cache_root=cache_root
+    )
+    agree, positions = agreement(drafter, held)
+    context = held[0].tokens if held else samples[0].tokens
+    d_step, t_step = step_costs(target, drafter, context[:128])
+    return TrainReport(
+        path=str(out_path),
+        target=name,
+        layers=layers,
+        vocab=int(vocab_ids.shape[0]),
+        train_sequences=len(samples),
+        train_tokens=n_tokens,
+        gen_seconds=round(gen_seconds, 1),
+        train_seconds=round(train_seconds, 1),
+        total_seconds=round(time.monotonic() - start, 1),
+        steps=steps,
+        epochs=round(epochs, 2),
+        agreement_before=round(agree_before, 4),
+        agreement=round(agree, 4),
+        heldout_positions=positions,
+        drafter_step_s=round(d_step, 5),
+        target_step_s=round(t_step, 5),
+        cost_ratio=round(d_step / t_step, 4),
+        threads=torch.get_num_threads(),
+        losses=[round(x, 4) for x in losses],
+    )
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def add_train_drafter_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Register `train-drafter` under `sled models`."""
+    p = subparsers.add_parser(
+        "train-drafter",
+        help="distil a small drafter for a target model on the target's own generations",
+    )
+    d = TrainOptions()
+    p.add_argument("--target", required=True, help="registry name or .gguf path of the target")
+    p.add_argument("--out", default=None, help="drafter file (default: <cache>/drafters/NAME.drafter.gguf)")
+    p.add_argument("--layers", type=int, default=d.layers, help="frozen target layers before the adapter")
+    p.add_argument("--minutes", type=float, default=d.minutes, help="time budget for the whole run")
+    p.add_argument("--vocab", type=int, default=d.vocab, help="rows of the reduced output head")
+    p.add_argument("--slots", type=int, default=d.slots, help="sessions per target pass while generating")
+    p.add_argument("--max-new", type=int, default=d.max_new, help="tokens the target writes per prompt")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--weights", default=d.weights, help="weight format of target and drafter")
+    p.add_argument("--heldout", default=str(HELDOUT_PROMPTS), help="held-out prompts JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train_drafter)
+    return p
+
+
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    from models.drafter_prompts import training_prompts
+    from models.registry import RegistryError, resolve_model
+
+    def fail(message: str) -> int:
+        print(f"sled models train-drafter: {message}", file=sys.stderr)
+        return 2
+
+    if args.minutes <= 0:
+        return fail(f"--minutes must be > 0, got {args.minutes}")
+    if args.vocab < 2 or args.slots < 1 or args.max_new < 1 or args.threads < 1:
+        return fail("--vocab must be >= 2 and --slots, --max-new, --threads >= 1")
+    try:
+        target_path = resolve_model(args.target)
+    except (RegistryError, OSError) as exc:
+        return fail(str(exc))
+    name = Path(target_path).name.removesuffix(".gguf")
+    out = Path(args.out) if args.out else default_drafter_path(name)
+    try:
+        heldout = heldout_prompts(Path(args.heldout))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return fail(f"cannot read held-out prompts {args.heldout}: {exc}")
+    torch.set_num_threads(args.threads)
+    options = TrainOptions(
+        layers=args.layers, vocab=args.vocab, minutes=args.minutes, max_new=args.max_new,
+        slots=args.slots, weights=args.weights,
+    )  # fmt: skip
+
+    def say(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    try:
+        report = train_drafter(
+            Path(target_path), out, options, training_prompts(heldout), heldout, name, say
+        )
+    except ValueError as exc:
+        return fail(str(exc))
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+        return 0
+    print(f"drafter saved: {report.path}")
+    print(
+        f"agreement with the target on {report.heldout_positions} held-out positions: "
+        f"{report.agreement:.1%} (untrained: {report.agreement_before:.1%})"
+    )
+    print(
+        f"cost per one-token step: drafter {report.drafter_step_s * 1e3:.1f} ms, target "
+        f"{report.target_step_s * 1e3:.1f} ms ({report.cost_ratio:.1%} of the target, "
+        f"{report.threads} thread(s))"
+    )
+    print(
+        f"data: {report.train_sequences} sequences, {report.train_tokens} target tokens "
+        f"({report.gen_seconds:.0f} s); training: {report.steps} steps, {report.epochs} epochs, "
+        f"{report.train_seconds:.0f} s; total {report.total_seconds / 60:.1f} min"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m models.drafter_training train-drafter ...` (what `sled models` runs)."""
+    parser = argparse.ArgumentParser(prog="sled models")
+    add_train_drafter_parser(parser.add_subparsers(dest="models_command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

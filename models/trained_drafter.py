@@ -1,0 +1,371 @@
+"""A drafter trained for one target model: its file format, loading, and drafting sessions.
+
+Shape (Kangaroo-style shallow sub-network): the target's own first L layers (frozen, read from
+the target's GGUF at load time), one trained adapter block with the target's block architecture
+(initialised from a target layer), a trained final norm and a reduced-vocabulary head: the V'
+target tokens seen most in the target's own generations, initialised from the target's output
+rows. The untrained first-L-layers + full head agreed 0.4-5% with the target (measured), and the
+full 151936-row head alone is ~15% of a target step, hence the trained adapter and the cut head.
+
+The drafter file is a GGUF holding only the trained tensors, the reduced vocabulary's target ids
+and metadata (`sled.drafter.*`, including the target file's sha256, checked at load). Frozen
+layers plus the adapter run as one torch backend (one KV cache slot per session, one pass per
+step), so the drafter never holds the rest of the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from models.config import ModelConfig
+from models.decoder import rms_norm
+from models.drafters import draw_sparse
+from models.sampling import SamplingParams
+from models.speculative import Draft, common_prefix
+from models.torch_backend import TorchBackend
+from models.weight_formats import check_format, pack_linear
+
+FORMAT_VERSION = 1
+ARCH = "sled_drafter"
+KEY = "sled.drafter."
+# The adapter's tensors, in the decoder's packed (fused) naming: see models.weight_formats.FUSED.
+ADAPTER_LINEARS = ("qkv", "wo", "gate_up", "down")
+ADAPTER_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+
+
+class DrafterFileError(ValueError):
+    """A drafter file that cannot be read (missing, truncated, not a sled drafter)."""
+
+
+class DrafterTargetMismatchError(ValueError):
+    """A drafter file trained for another target model than the one given."""
+
+
+def default_drafter_path(target_name: str, root: Path | None = None) -> Path:
+    """Where `sled models train-drafter` saves a target's drafter and where nodes look for it:
+    ``<sled cache>/drafters/<target-name>.drafter.gguf``."""
+    from models.registry import cache_root
+
+    name = Path(target_name).name.removesuffix(".gguf")
+    return (root if root is not None else cache_root()) / "drafters" / f"{name}.drafter.gguf"
+
+
+def target_sha256(path: Path) -> str:
+    """sha256 of the target GGUF; the registry's verified stamp is used when it still matches."""
+    from models.registry import Stamp
+
+    stat = path.stat()
+    stamp = Stamp.read(path.with_name(path.name + ".sha256.json"))
+    if stamp is not None and (stamp.size, stamp.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+        return stamp.sha256
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DrafterWeights:
+    """The trained part of a drafter (float32 tensors) and what it was trained for."""
+
+    target_sha256: str
+    target_name: str
+    layers: int  # the target's first `layers` layers run frozen before the adapter
+    vocab_ids: torch.Tensor  # [V'] int64: the target id of each reduced-head row
+    adapter: dict[str, torch.Tensor]  # packed block tensors ("qkv.weight", "attn_norm", ...)
+    final_norm: torch.Tensor  # [dim]
+    head: torch.Tensor  # [V', dim]
+    info: dict[str, float]  # training facts (seconds, tokens, agreement): metadata only
+
+    def __post_init__(self) -> None:
+        v = int(self.vocab_ids.shape[0])
+        if self.head.dim() != 2 or self.head.shape[0] != v:
+            raise DrafterFileError(
+                f"head {tuple(self.head.shape)} does not match {v} vocabulary ids"
+            )
+        if self.final_norm.shape != (self.head.shape[1],):
+            raise DrafterFileError("final norm and head widths differ")
+        if self.layers < 1:
+            raise DrafterFileError(f"layers must be >= 1, got {self.layers}")
+
+
+def save_drafter(weights: DrafterWeights, path: Path) -> Path:
+    """Write the drafter file atomically (matrices as float16, norms float32)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), ARCH)
+    writer.add_uint32(KEY + "format", FORMAT_VERSION)
+    writer.add_string(KEY + "target_sha256", weights.target_sha256)
+    writer.add_string(KEY + "target_name", weights.target_name)
+    writer.add_uint32(KEY + "layers", weights.layers)
+    for name, value in sorted(weights.info.items()):
+        writer.add_float32(KEY + "info." + name, float(value))
+    writer.add_tensor("vocab_ids", weights.vocab_ids.to(torch.int32).numpy())
+    writer.add_tensor("output_norm", weights.final_norm.float().numpy())
+    writer.add_tensor("output", weights.head.to(torch.float16).numpy())
+    for name, tensor in sorted(weights.adapter.items()):
+        t = tensor.float() if tensor.dim() == 1 else tensor.to(torch.float16)
+        writer.add_tensor("adapter." + name, t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+def load_drafter_weights(path: Path) -> DrafterWeights:
+    """Read a drafter file; DrafterFileError (with the path) when it is not a whole one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DrafterFileError(f"drafter file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        fields = {name: f.contents() for name, f in reader.fields.items()}
+        tensors = {
+            t.name: torch.from_numpy(
+                np.array(t.data, copy=True).reshape([int(d) for d in reversed(t.shape)])
+            )
+            for t in reader.tensors
+        }
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
+        raise DrafterFileError(f"{path} is not a readable drafter file ({exc})") from exc
+    if fields.get(KEY + "format") != FORMAT_VERSION:
+        raise DrafterFileError(
+            f"{path} is not a sled drafter file of format {FORMAT_VERSION} "
+            f"(found {fields.get(KEY + 'format')!r})"
+        )
+    try:
+        adapter = {
+            name.removeprefix("adapter."): t.float()
+            for name, t in tensors.items()
+            if name.startswith("adapter.")
+        }
+        info = {
+            name.removeprefix(KEY + "info."): float(value)  # type: ignore[arg-type]
+            for name, value in fields.items()
+            if name.startswith(KEY + "info.")
+        }
+        return DrafterWeights(
+            target_sha256=str(fields[KEY + "target_sha256"]),
+            target_name=str(fields[KEY + "target_name"]),
+            layers=int(fields[KEY + "layers"]),  # type: ignore[call-overload]
+            vocab_ids=tensors["vocab_ids"].to(torch.int64).reshape(-1),
+            adapter=adapter,
+            final_norm=tensors["output_norm"].float().reshape(-1),
+            head=tensors["output"].float(),
+            info=info,
+        )
+    except KeyError as exc:
+        raise DrafterFileError(f"{path} lacks {exc} (truncated or not a drafter)") from exc
+
+
+def pack_adapter(adapter: Mapping[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """The adapter's float tensors in the backend's format (int4 has no source blocks: bf16)."""
+    fmt = "bf16" if check_format(fmt) == "int4" else fmt
+    out: dict[str, torch.Tensor] = {}
+    for name in ADAPTER_LINEARS:
+        packed = pack_linear(adapter[f"{name}.weight"], adapter.get(f"{name}.bias"), fmt)
+        out |= {f"{name}.{k}": v for k, v in packed.items()}
+    for name in ADAPTER_NORMS:
+        if name in adapter:
+            out[name] = adapter[name].float().contiguous()
+    return out
+
+
+def check_adapter(adapter: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
+    """The adapter must have the target's block shapes (it runs as one more target block)."""
+    c = config
+    expected = {
+        "qkv.weight": (c.q_dim + 2 * c.kv_dim, c.dim),
+        "wo.weight": (c.dim, c.q_dim),
+        "gate_up.weight": (2 * c.ffn_dim, c.dim),
+        "down.weight": (c.dim, c.ffn_dim),
+        "attn_norm": (c.dim,),
+        "ffn_norm": (c.dim,),
+    }
+    for name, shape in expected.items():
+        got = adapter.get(name)
+        if got is None or tuple(got.shape) != shape:
+            found = None if got is None else tuple(got.shape)
+            raise DrafterFileError(f"adapter tensor {name}: expected {shape}, found {found}")
+
+
+class TrainedDrafter:
+    """Drafts with a trained drafter: frozen target layers + adapter block + reduced head."""
+
+    kind = "trained"
+
+    def __init__(
+        self,
+        backend: TorchBackend,
+        final_norm: torch.Tensor,
+        head: torch.Tensor,
+        vocab_ids: torch.Tensor,
+        prefill_chunk: int = 256,
+        weights: DrafterWeights | None = None,
+    ) -> None:
+        self.backend = backend
+        self.final_norm = final_norm.float()
+        self.head = head.to(backend.dtype).contiguous()
+        self.vocab_ids = vocab_ids.to(torch.int64)
+        self.prefill_chunk = prefill_chunk
+        self.weights = weights
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        target_path: Path,
+        weights: str = "bf16",
+        max_slots: int = 8,
+        max_len: int = 2048,
+        cache_root: Path | None = None,
+        check_target: bool = True,
+    ) -> TrainedDrafter:
+        """Load a drafter file against the target GGUF it was trained for."""
+        trained = load_drafter_weights(path)
+        target_path = Path(target_path)
+        if check_target:
+            sha = target_sha256(target_path)
+            if sha != trained.target_sha256:
+                raise DrafterTargetMismatchError(
+                    f"{path} was trained for target {trained.target_name} "
+                    f"(sha256 {trained.target_sha256[:12]}...), not for {target_path.name} "
+                    f"(sha256 {sha[:12]}...); train one with `sled models train-drafter`"
+                )
+        return cls.from_weights(trained, target_path, weights, max_slots, max_len, cache_root)
+
+    @classmethod
+    def from_weights(
+        cls,
+        trained: DrafterWeights,
+        target_path: Path,
+        weights: str = "bf16",
+        max_slots: int = 8,
+        max_len: int = 2048,
+        cache_root: Path | None = None,
+    ) -> TrainedDrafter:
+        from models.weight_cache import WeightCache
+
+        frozen = WeightCache(cache_root).load_segment(Path(target_path), (0, trained.layers), weights)
+        config = frozen.config
+        if trained.layers >= config.n_layers:
+            raise DrafterFileError(
+                f"drafter runs {trained.layers} frozen layers; the target has {config.n_layers}"
+            )
+        if int(trained.vocab_ids.max()) >= config.vocab_size or int(trained.vocab_ids.min()) < 0:
+            raise DrafterFileError("drafter vocabulary ids fall outside the target's vocabulary")
+        if trained.head.shape[1] != config.dim:
+            raise DrafterFileError(f"drafter width {trained.head.shape[1]} != target {config.dim}")
+        check_adapter(trained.adapter, config)
+        # The adapter runs as one more block after the frozen ones, in the same pass and cache.
+        segment = replace(
+            frozen,
+            layers=(0, trained.layers + 1),
+            blocks=frozen.blocks + (pack_adapter(trained.adapter, weights),),
+        )
+        backend = TorchBackend(segment, max_slots=max_slots, max_len=max_len)
+        return cls(backend, trained.final_norm, trained.head, trained.vocab_ids, weights=trained)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.backend.config
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Reduced-vocabulary logits [..., V'] (float32) from adapter outputs [..., dim]."""
+        with torch.inference_mode():
+            normed = rms_norm(hidden.to(self.head.dtype), self.final_norm, self.config.norm_eps)
+            return torch.nn.functional.linear(normed, self.head).float()
+
+    def next_token_ids(self, tokens: Sequence[int]) -> list[int]:
+        """The drafter's argmax target id after every prefix of `tokens` (teacher forcing)."""
+        slot = self.backend.cache.allocate()
+        try:
+            out: list[int] = []
+            for i in range(0, len(tokens), self.prefill_chunk):
+                part = torch.tensor(list(tokens[i : i + self.prefill_chunk]), dtype=torch.int64)
+                hidden = self.backend.forward([slot], [part])[0]
+                out.extend(self.vocab_ids[self.logits(hidden).argmax(dim=-1)].tolist())
+            return out
+        finally:
+            self.backend.cache.free(slot)
+
+    def open(self, params: SamplingParams) -> TrainedSession:
+        return TrainedSession(self, params)
+
+
+class TrainedSession:
+    """One session's drafting state: a KV slot (frozen layers + adapter) and the tokens in it."""
+
+    def __init__(self, drafter: TrainedDrafter, params: SamplingParams) -> None:
+        self.kind = drafter.kind
+        self._drafter = drafter
+        self._backend = drafter.backend
+        self._params = params
+        self._slot = self._backend.cache.allocate()
+        self._fed: list[int] = []  # token ids whose K/V sit in the slot, in order
+
+    def _feed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append ids to the slot; the reduced logits after the last one."""
+        hidden = torch.empty(0)
+        chunk = self._drafter.prefill_chunk
+        for i in range(0, len(ids), chunk):
+            part = torch.tensor(list(ids[i : i + chunk]), dtype=torch.int64)
+            hidden = self._backend.forward([self._slot], [part], last_only=True)[0][-1]
+        self._fed.extend(ids)
+        return self._drafter.logits(hidden)
+
+    def propose(self, committed: Sequence[int], k: int) -> Draft:
+        start = time.perf_counter()
+        cache = self._backend.cache
+        k = min(k, cache.max_len - len(committed))
+        if k < 1 or not committed:
+            return Draft(len(committed), (), kind=self.kind)
+        # Reuse the longest prefix already in the slot; always re-feed the last committed token
+        # so its logits exist.
+        keep = min(common_prefix(self._fed, committed), len(committed) - 1)
+        cache.truncate(self._slot, keep)
+        del self._fed[keep:]
+        logits = self._feed(committed[keep:])
+        vocab_ids = self._drafter.vocab_ids
+        tokens: list[int] = []
+        ids_rows: list[torch.Tensor] = []
+        prob_rows: list[torch.Tensor] = []
+        position = len(committed)
+        while True:
+            index, q_idx, q_probs = draw_sparse(
+                logits, self._params, self._params.seed, position + len(tokens)
+            )
+            token = int(vocab_ids[index])
+            tokens.append(token)
+            if q_idx is not None and q_probs is not None:
+                ids_rows.append(vocab_ids[q_idx])  # reduced-head rows -> target ids
+                prob_rows.append(q_probs)
+            if len(tokens) >= k:
+                break
+            logits = self._feed([token])
+        sparse = not self._params.greedy and bool(ids_rows)
+        return Draft(
+            position,
+            tuple(tokens),
+            torch.stack(ids_rows) if sparse else None,
+            torch.stack(prob_rows) if sparse else None,
+            kind=self.kind,
+            draft_s=time.perf_counter() - start,
+        )
+
+    def close(self) -> None:
+        if self._slot in self._backend.cache.slots:
+            self._backend.cache.free(self._slot)
+

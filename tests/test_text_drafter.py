@@ -1,0 +1,304 @@
+"""The cross-tokenizer drafter on tiny fixtures: tiny-gemma3 (SentencePiece vocabulary) drafts
+for a tiny-qwen2 target (byte-level BPE, ChatML template); and model drafters on onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.backend import Backend, load_backend
+from models.drafters import ModelDrafter
+from models.sampling import SamplingParams
+from models.text_drafter import (
+    ChatRenderer,
+    PrefixEncoder,
+    TextDrafter,
+    complete_utf8,
+    load_text_drafter,
+)
+from models.tokenizer import TYPE_CONTROL, Tokenizer
+
+GREEDY = SamplingParams(temperature=0.0)
+ONNX_CHUNK = 3  # several ONNX chunks per tiny model
+
+
+@pytest.fixture(scope="module")
+def target_tok(tiny_paths: dict[str, Path]) -> Tokenizer:
+    return Tokenizer.from_gguf(tiny_paths["qwen2"])
+
+
+@pytest.fixture(scope="module")
+def drafter_tok(tiny_paths: dict[str, Path]) -> Tokenizer:
+    return Tokenizer.from_gguf(tiny_paths["gemma3"])
+
+
+@pytest.fixture(scope="module")
+def gemma_fp32(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Backend:
+    root = tmp_path_factory.mktemp("weights")
+    return load_backend(
+        tiny_paths["gemma3"], weights="fp32", max_slots=4, max_len=512, cache_root=root
+    )
+
+
+@pytest.fixture(scope="module")
+def drafter(gemma_fp32: Backend, drafter_tok: Tokenizer, target_tok: Tokenizer) -> TextDrafter:
+    return TextDrafter(gemma_fp32, drafter_tok, target_tok)
+
+
+@pytest.fixture(scope="module")
+def onnx_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx_cache")
+
+
+def chat(tok: Tokenizer, user: str, answer: str = "") -> list[int]:
+    ids = tok.encode_chat([{"role": "user", "content": user}])
+    return ids + tok.encode(answer, add_bos=False) if answer else ids
+
+
+def greedy_text(drafter: TextDrafter, context: str, steps: int) -> str:
+    """The drafter model's own greedy continuation of context, computed without the session."""
+    backend, tok = drafter.backend, drafter.tokenizer
+    slot = backend.cache.allocate()
+    try:
+        ids = tok.encode(context)
+        out: list[int] = []
+        logits = backend.forward([slot], [torch.tensor(ids)], last_only=True)[0][-1]
+        for _ in range(steps):
+            token = int(logits.argmax())
+            if token in tok.stop_ids:
+                break
+            out.append(token)
+            logits = backend.forward([slot], [torch.tensor([token])], last_only=True)[0][-1]
+        return tok.decode(out)
+    finally:
+        backend.cache.free(slot)
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def test_chat_markup_renders_as_plain_turns(target_tok: Tokenizer) -> None:
+    ids = chat(target_tok, "Write a function.")
+    renderer = ChatRenderer(target_tok)
+    text = complete_utf8(renderer.render(ids))
+    assert text == "User: Write a function.\nAssistant:"
+    assert renderer.state.drafting and renderer.state.fresh
+    more = ids + target_tok.encode("The fox", add_bos=False)
+    assert complete_utf8(renderer.render(more)) == "User: Write a function.\nAssistant: The fox"
+    assert renderer.state.drafting and not renderer.state.fresh
+    # No special token leaks as text, and the default system turn is left out.
+    for marker in ("<|im_start|>", "<|im_end|>", "system", "helpful"):
+        assert marker not in text
+
+
+def test_rendering_follows_the_committed_prefix(target_tok: Tokenizer) -> None:
+    """Rendering a sequence, then a different one with a shared prefix, equals rendering the
+    second from scratch (the per-token state is rolled back, not carried over)."""
+    a = chat(target_tok, "one", "The quick brown")
+    b = chat(target_tok, "one", "The lazy dog")
+    renderer = ChatRenderer(target_tok)
+    renderer.render(a)
+    assert renderer.render(b) == ChatRenderer(target_tok).render(b)
+
+
+def test_no_draft_outside_the_target_turn(drafter: TextDrafter, target_tok: Tokenizer) -> None:
+    ended = chat(target_tok, "Hi", "Hello") + [target_tok.spec.tokens.index("<|im_end|>")]
+    mid_user = target_tok.encode_chat([{"role": "user", "content": "Hi"}])[:-3]
+    session = drafter.open(GREEDY)
+    try:
+        for committed in (ended, mid_user):
+            draft = session.propose(committed, 4)
+            assert draft.tokens == () and draft.position == len(committed)
+        assert session.stats.skipped == 2 and session.stats.fed == 0
+        assert session.propose(chat(target_tok, "Hi"), 0).tokens == ()
+    finally:
+        session.close()
+
+
+# -- re-tokenising for the target -------------------------------------------------------------
+
+
+def test_aligned_boundary_takes_the_tokens_after_the_context(
+    drafter: TextDrafter, target_tok: Tokenizer
+) -> None:
+    committed = chat(target_tok, "Tell me", "The quick")
+    result = drafter.to_target(committed, " brown fox jumps.")
+    assert result.boundary == "aligned"
+    assert target_tok.decode(result.tokens) == " brown fox jumps."  # ends in punctuation: kept
+    assert result.tokens == tuple(target_tok.encode(" brown fox jumps.", add_bos=False))
+    # Stopping inside a word: its last token is not proposed.
+    open_word = drafter.to_target(committed, " brown fox jum")
+    assert open_word.tokens == tuple(target_tok.encode(" brown fox jum", add_bos=False)[:-1])
+    assert " brown fox".startswith(target_tok.decode(open_word.tokens[:2]))
+    # The drafter ended its text: the target's end of turn follows.
+    im_end = target_tok.spec.tokens.index("<|im_end|>")
+    assert drafter.to_target(committed, " brown fox", end=im_end).tokens[-1] == im_end
+
+
+def test_token_straddling_the_boundary_is_dropped(
+    drafter: TextDrafter, target_tok: Tokenizer
+) -> None:
+    """The context's last word is continued by the draft: "The quick bro" + "wn fox." joins to
+    " brown", which the target (having committed " bro...") can no longer produce."""
+    committed = chat(target_tok, "Tell me", "The quick bro")
+    joint = target_tok.encode("The quick brown fox.", add_bos=False)
+    assert target_tok.encode("The quick bro", add_bos=False) != joint[:3]  # really straddles
+    result = drafter.to_target(committed, "wn fox.")
+    assert result.boundary == "straddled"
+    assert target_tok.decode(result.tokens) == "wn fox."
+    assert target_tok.decode(committed + list(result.tokens)).endswith("The quick brown fox.")
+
+
+def test_context_that_does_not_retokenise_drafts_nothing(
+    drafter: TextDrafter, target_tok: Tokenizer
+) -> None:
+    split = target_tok.encode(" qu", add_bos=False) + target_tok.encode("ick", add_bos=False)
+    committed = chat(target_tok, "Tell me", "The") + split
+    assert split != target_tok.encode(" quick", add_bos=False)  # a non-canonical split
+    result = drafter.to_target(committed, " brown fox.")
+    assert result == type(result)((), "mismatched")
+
+
+# -- drafting with the model -----------------------------------------------------------------
+
+
+def test_drafts_are_target_ids_for_the_drafter_text(
+    drafter: TextDrafter, target_tok: Tokenizer
+) -> None:
+    control = {i for i, kind in enumerate(target_tok.spec.token_types) if kind == TYPE_CONTROL}
+    im_end = target_tok.spec.tokens.index("<|im_end|>")
+    contexts = [
+        ("Write a function", ""),
+        ("Count", "def fibonacci(n: int) -> int:\n    if n < 2:"),
+        ("Tell me", "The quick brown fox jumps over the"),
+        ("Go on", "for i in range(10):\n    print"),
+    ]
+    proposed = 0
+    for user, answer in contexts:
+        committed = chat(target_tok, user, answer)
+        session = drafter.open(GREEDY)
+        try:
+            draft = session.propose(committed, 4)
+        finally:
+            session.close()
+        assert draft.position == len(committed) and draft.q_ids is None and draft.k <= 4
+        assert all(0 <= t < target_tok.vocab_size for t in draft.tokens)
+        body = [t for t in draft.tokens if t != im_end]
+        assert not control & set(body)
+        context = complete_utf8(ChatRenderer(target_tok).render(committed))
+        expected = greedy_text(drafter, context, 12)
+        if not answer:
+            expected = expected.removeprefix(" ")
+        assert expected.startswith(target_tok.decode(body)), (expected, body)
+        proposed += len(body)
+    assert proposed > 0  # the checks above saw real drafts
+
+
+def test_second_propose_feeds_only_new_tokens(drafter: TextDrafter, target_tok: Tokenizer) -> None:
+    committed = chat(target_tok, "Tell me a story", "The quick brown fox jumps over the lazy dog.")
+    cache = drafter.backend.cache
+    session = drafter.open(GREEDY)
+    try:
+        first = session.propose(committed, 3)
+        stats = session.stats
+        context_ids = drafter.tokenizer.encode(
+            complete_utf8(ChatRenderer(target_tok).render(committed))
+        )
+        assert stats.prefilled == len(context_ids)
+        assert cache.length(session.slot) == stats.fed
+        fed_before = stats.fed
+        grown = committed + target_tok.encode(" The dog sleeps.", add_bos=False)
+        session.propose(grown, 3)
+        new_ids = len(drafter.tokenizer.encode(" The dog sleeps.", add_bos=False))
+        # Only the new text (and the drafter token at the old end, which may re-tokenise) is fed;
+        # the draft tokens of the first call that the new text does not repeat are dropped.
+        assert stats.prefilled - len(context_ids) <= new_ids + 1
+        assert cache.length(session.slot) <= fed_before - first.k + new_ids + stats.steps + 2
+        assert cache.length(session.slot) < stats.fed  # some K/V was kept, not refed
+    finally:
+        session.close()
+
+
+def test_close_frees_the_slot(drafter: TextDrafter, target_tok: Tokenizer) -> None:
+    cache = drafter.backend.cache
+    before = cache.slots
+    session = drafter.open(GREEDY)
+    assert session.slot in cache.slots and len(cache.slots) == len(before) + 1
+    session.propose(chat(target_tok, "Hi"), 2)
+    session.close()
+    assert cache.slots == before
+    session.close()  # twice is harmless
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_prefix_encoder_matches_full_tokenisation(tiny_paths: dict[str, Path], arch: str) -> None:
+    tok = Tokenizer.from_gguf(tiny_paths[arch])
+    encoder = PrefixEncoder(tok, min_chunk=64, margin=16)
+    lines = [f"line {i}: the quick brown fox\n    indented {i * 7}\n\n" for i in range(30)]
+    text = ""
+    full_chars = 0
+    for line in lines:
+        text += line
+        full_chars += len(text)
+        assert encoder.encode(text) == tok.encode(text)
+    assert encoder.frozen_text and text.startswith(encoder.frozen_text)
+    assert encoder.encoded_chars < full_chars / 3  # the frozen prefix is not re-tokenised
+    # A text that does not extend the frozen prefix starts over, still correct.
+    assert encoder.encode("other text\n") == tok.encode("other text\n")
+
+
+def test_load_text_drafter(
+    tiny_paths: dict[str, Path], target_tok: Tokenizer, tmp_path: Path
+) -> None:
+    loaded = load_text_drafter(
+        tiny_paths["qwen2"], str(tiny_paths["gemma3"]), weights="fp32", max_slots=2,
+        max_len=256, cache_root=tmp_path,
+    )  # fmt: skip
+    assert loaded.target.vocab_size == target_tok.vocab_size
+    assert loaded.backend.cache.max_slots == 2 and loaded.kind == "text"
+
+
+# -- onnxruntime ---------------------------------------------------------------------------
+
+
+def test_model_drafter_on_onnx_matches_torch(
+    tiny_paths: dict[str, Path], onnx_root: Path, tmp_path: Path
+) -> None:
+    """Greedy drafts of a ModelDrafter over onnxruntime fp32 equal those over torch fp32
+    (logits agree to ~1e-4, far inside the margins of the argmaxes here)."""
+    path = tiny_paths["qwen2"]
+    ref = ModelDrafter(load_backend(path, weights="fp32", cache_root=tmp_path))
+    onnx = ModelDrafter(load_backend(path, backend="onnx", weights="fp32", cache_root=onnx_root))
+    assert onnx.backend.name == "onnx"
+    tok = Tokenizer.from_gguf(path)
+    for text in ("The quick brown fox", "def fibonacci(n: int) -> int:\n"):
+        committed = tok.encode(text)
+        sessions = [ref.open(GREEDY), onnx.open(GREEDY)]
+        try:
+            a, b = (s.propose(committed, 6) for s in sessions)
+            assert a.tokens == b.tokens and a.k == 6
+            grown = committed + list(a.tokens[:2])  # KV reuse after accepting two tokens
+            assert sessions[0].propose(grown, 4).tokens == sessions[1].propose(grown, 4).tokens
+        finally:
+            for s in sessions:
+                s.close()
+
+
+def test_text_drafter_on_onnx_matches_torch(
+    drafter: TextDrafter, tiny_paths: dict[str, Path], target_tok: Tokenizer, onnx_root: Path
+) -> None:
+    onnx_backend = load_backend(
+        tiny_paths["gemma3"], backend="onnx", weights="fp32", cache_root=onnx_root
+    )
+    onnx = TextDrafter(onnx_backend, drafter.tokenizer, target_tok)
+    for answer in ("The quick brown fox jumps over the", "def add(a, b):\n    return"):
+        committed = chat(target_tok, "Go on", answer)
+        sessions = [drafter.open(GREEDY), onnx.open(GREEDY)]
+        try:
+            a, b = (s.propose(committed, 4) for s in sessions)
+            assert a.tokens == b.tokens
+        finally:
+            for s in sessions:
+                s.close()

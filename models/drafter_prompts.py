@@ -135,7 +135,9 @@ def training_prompts(exclude: Iterable[str] = ()) -> list[str]:
         for i, task in enumerate(CODE_TASKS)
         for lang in (LANGUAGES[i % len(LANGUAGES)], "Python")
     ]
-    questions = [form.format(c) for i, c in enumerate(CONCEPTS) for form in QUESTION_FORMS[i % 2 :: 2]]
+    questions = [
+        form.format(c) for i, c in enumerate(CONCEPTS) for form in QUESTION_FORMS[i % 2 :: 2]
+    ]
     edits = [form.format(s) for s in SNIPPETS for form in EDIT_FORMS]
     rewrites = [form.format(s) for s in SENTENCES for form in REWRITE_FORMS]
     kinds = [code, questions, edits, rewrites]

@@ -152,9 +152,9 @@ def generate_samples(
         if pending and free and (not live or free >= admit_at):
             batch = [pending.popleft() for _ in range(min(free, len(pending)))]
             slots = [cache.allocate() for _ in batch]
-            for slot, (index, ids) in zip(slots, batch, strict=True):
-                live[slot] = (index, list(ids), [], [], len(ids))
-            inputs = [torch.tensor(list(ids), dtype=torch.int64) for _, ids in batch]
+            for slot, (index, prompt) in zip(slots, batch, strict=True):
+                live[slot] = (index, list(prompt), [], [], len(prompt))
+            inputs = [torch.tensor(list(prompt), dtype=torch.int64) for _, prompt in batch]
         else:
             slots = list(live)
             inputs = [torch.tensor(live[s][1][-1:], dtype=torch.int64) for s in slots]
@@ -198,7 +198,9 @@ def heldout_prompts(path: Path = HELDOUT_PROMPTS) -> list[str]:
 # -- 2-3. frozen features and the reduced vocabulary ------------------------------------------
 
 
-def frozen_hidden(frozen: Backend, samples: Sequence[Sample], show: bool = True) -> list[torch.Tensor]:
+def frozen_hidden(
+    frozen: Backend, samples: Sequence[Sample], show: bool = True
+) -> list[torch.Tensor]:
     """Outputs of the frozen first L layers over each whole sequence ([T, dim], bf16)."""
     out: list[torch.Tensor] = []
     for s in tqdm(samples, desc="frozen layers", disable=not show, leave=False):
@@ -216,7 +218,9 @@ def reduced_vocabulary(samples: Sequence[Sample], size: int, vocab_size: int) ->
     for s in samples:
         mass.index_add_(0, s.top_ids.reshape(-1), s.top_probs.reshape(-1).double())
         # Text the target wrote counts too (sampled tokens outside its top-K included).
-        mass.index_add_(0, torch.tensor(s.tokens), torch.full((len(s.tokens),), 1e-3, dtype=torch.float64))
+        mass.index_add_(
+            0, torch.tensor(s.tokens), torch.full((len(s.tokens),), 1e-3, dtype=torch.float64)
+        )
     size = min(size, vocab_size)
     keep = torch.argsort(-mass, stable=True)[:size]
     return keep.sort().values
@@ -291,7 +295,10 @@ class _Example:
 
 
 def make_examples(
-    samples: Sequence[Sample], hidden: Sequence[torch.Tensor], vocab_ids: torch.Tensor, vocab_size: int
+    samples: Sequence[Sample],
+    hidden: Sequence[torch.Tensor],
+    vocab_ids: torch.Tensor,
+    vocab_size: int,
 ) -> list[_Example]:
     index = torch.full((vocab_size,), -1, dtype=torch.int64)
     index[vocab_ids] = torch.arange(len(vocab_ids))
@@ -306,7 +313,9 @@ def make_examples(
     return out
 
 
-def batches(examples: Sequence[_Example], batch_tokens: int, rng: random.Random) -> list[list[_Example]]:
+def batches(
+    examples: Sequence[_Example], batch_tokens: int, rng: random.Random
+) -> list[list[_Example]]:
     """Length-sorted groups of about batch_tokens padded tokens, in random order."""
     order = sorted(examples, key=lambda e: e.hidden.shape[0])
     groups: list[list[_Example]] = []
@@ -503,7 +512,9 @@ def train_drafter(
     if not samples:
         raise RuntimeError("the time budget ended before the target generated any text")
     n_tokens = sum(s.n_gen for s in samples)
-    progress(f"training text: {len(samples)} sequences, {n_tokens} generated tokens, {gen_seconds:.0f} s")
+    progress(
+        f"training text: {len(samples)} sequences, {n_tokens} generated tokens, {gen_seconds:.0f} s"
+    )
     held_ids = [chat_ids(tokenizer, t)[: max_len - options.heldout_new] for t in heldout_texts]
     held = generate_samples(
         target, held_ids, options.heldout_new, stop_ids, SamplingParams(),
@@ -584,7 +595,9 @@ def train_drafter(
 # -- CLI --------------------------------------------------------------------------------------
 
 
-def add_train_drafter_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_train_drafter_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """Register `train-drafter` under `sled models`."""
     p = subparsers.add_parser(
         "train-drafter",
@@ -592,12 +605,20 @@ def add_train_drafter_parser(subparsers: argparse._SubParsersAction) -> argparse
     )
     d = TrainOptions()
     p.add_argument("--target", required=True, help="registry name or .gguf path of the target")
-    p.add_argument("--out", default=None, help="drafter file (default: <cache>/drafters/NAME.drafter.gguf)")
-    p.add_argument("--layers", type=int, default=d.layers, help="frozen target layers before the adapter")
+    p.add_argument(
+        "--out", default=None, help="drafter file (default: <cache>/drafters/NAME.drafter.gguf)"
+    )
+    p.add_argument(
+        "--layers", type=int, default=d.layers, help="frozen target layers before the adapter"
+    )
     p.add_argument("--minutes", type=float, default=d.minutes, help="time budget for the whole run")
     p.add_argument("--vocab", type=int, default=d.vocab, help="rows of the reduced output head")
-    p.add_argument("--slots", type=int, default=d.slots, help="sessions per target pass while generating")
-    p.add_argument("--max-new", type=int, default=d.max_new, help="tokens the target writes per prompt")
+    p.add_argument(
+        "--slots", type=int, default=d.slots, help="sessions per target pass while generating"
+    )
+    p.add_argument(
+        "--max-new", type=int, default=d.max_new, help="tokens the target writes per prompt"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--weights", default=d.weights, help="weight format of target and drafter")
     p.add_argument("--heldout", default=str(HELDOUT_PROMPTS), help="held-out prompts JSON")

@@ -132,12 +132,6 @@ def load_drafter_weights(path: Path) -> DrafterWeights:
     try:
         reader = gguf.GGUFReader(path, "r")
         fields = {name: f.contents() for name, f in reader.fields.items()}
-        tensors = {
-            t.name: torch.from_numpy(
-                np.array(t.data, copy=True).reshape([int(d) for d in reversed(t.shape)])
-            )
-            for t in reader.tensors
-        }
     except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
         raise DrafterFileError(f"{path} is not a readable drafter file ({exc})") from exc
     if fields.get(KEY + "format") != FORMAT_VERSION:
@@ -146,20 +140,29 @@ def load_drafter_weights(path: Path) -> DrafterWeights:
             f"(found {fields.get(KEY + 'format')!r})"
         )
     try:
+        tensors = {
+            t.name: torch.from_numpy(
+                np.array(t.data, copy=True).reshape([int(d) for d in reversed(t.shape)])
+            )
+            for t in reader.tensors
+        }
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
+        raise DrafterFileError(f"{path} is not a readable drafter file ({exc})") from exc
+    try:
         adapter = {
             name.removeprefix("adapter."): t.float()
             for name, t in tensors.items()
             if name.startswith("adapter.")
         }
         info = {
-            name.removeprefix(KEY + "info."): float(value)  # type: ignore[arg-type]
+            name.removeprefix(KEY + "info."): float(value)
             for name, value in fields.items()
             if name.startswith(KEY + "info.")
         }
         return DrafterWeights(
             target_sha256=str(fields[KEY + "target_sha256"]),
             target_name=str(fields[KEY + "target_name"]),
-            layers=int(fields[KEY + "layers"]),  # type: ignore[call-overload]
+            layers=int(fields[KEY + "layers"]),
             vocab_ids=tensors["vocab_ids"].to(torch.int64).reshape(-1),
             adapter=adapter,
             final_norm=tensors["output_norm"].float().reshape(-1),
@@ -258,7 +261,9 @@ class TrainedDrafter:
     ) -> TrainedDrafter:
         from models.weight_cache import WeightCache
 
-        frozen = WeightCache(cache_root).load_segment(Path(target_path), (0, trained.layers), weights)
+        frozen = WeightCache(cache_root).load_segment(
+            Path(target_path), (0, trained.layers), weights
+        )
         config = frozen.config
         if trained.layers >= config.n_layers:
             raise DrafterFileError(
@@ -368,4 +373,3 @@ class TrainedSession:
     def close(self) -> None:
         if self._slot in self._backend.cache.slots:
             self._backend.cache.free(self._slot)
-

@@ -3,6 +3,7 @@ for a tiny-qwen2 target (byte-level BPE, ChatML template); and model drafters on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,73 @@ def test_drafts_are_target_ids_for_the_drafter_text(
         assert expected.startswith(target_tok.decode(body)), (expected, body)
         proposed += len(body)
     assert proposed > 0  # the checks above saw real drafts
+
+
+class ScriptedBackend:
+    """The tiny drafter model with its argmax replaced by a script: a pass of several tokens (a
+    prefill) is followed by script[0], each 1-token pass after it by the next script token.
+    Passes still run, so the KV cache is real."""
+
+    def __init__(self, backend: Backend, script: list[int]) -> None:
+        self._backend = backend
+        self.config, self.layers, self.cache = backend.config, backend.layers, backend.cache
+        self.name, self.weight_format = "scripted", backend.weight_format
+        self._script = script
+        self._at = 0
+
+    def forward(
+        self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
+    ) -> list[torch.Tensor]:
+        outs = [out.clone() for out in self._backend.forward(slots, inputs, last_only)]
+        self._at = 0 if len(inputs[0]) > 1 else min(self._at + 1, len(self._script) - 1)
+        for out in outs:
+            out[-1] = -1e9
+            out[-1, self._script[self._at]] = 1e9
+        return outs
+
+
+def scripted(drafter: TextDrafter, text: str, stop: bool) -> TextDrafter:
+    tok = drafter.tokenizer
+    script = tok.encode(text, add_bos=False) + ([tok.eos_id] if stop and tok.eos_id else [])
+    return TextDrafter(ScriptedBackend(drafter.backend, script), tok, drafter.target)
+
+
+@pytest.mark.parametrize(
+    ("answer", "draft_text", "stop", "expected"),
+    [
+        # Right after "Assistant:": the drafter's leading space is not the target's.
+        ("", " The fox.", True, "The fox."),
+        ("The quick", " the lazy dog.", True, " the lazy dog."),
+        # The drafter starting the next turn ends the draft like its end of text.
+        ("", " The fox.\nUser: hi", False, "The fox."),
+    ],
+)
+def test_drafter_end_of_text_becomes_the_target_end_of_turn(
+    drafter: TextDrafter,
+    target_tok: Tokenizer,
+    answer: str,
+    draft_text: str,
+    stop: bool,
+    expected: str,
+) -> None:
+    im_end = target_tok.spec.tokens.index("<|im_end|>")
+    session = scripted(drafter, draft_text, stop).open(GREEDY)
+    try:
+        draft = session.propose(chat(target_tok, "Go on", answer), 8)
+    finally:
+        session.close()
+    assert draft.tokens == (*target_tok.encode(expected, add_bos=False), im_end)
+
+
+def test_plain_text_ends_with_the_target_eos(drafter: TextDrafter, target_tok: Tokenizer) -> None:
+    committed = target_tok.encode("The quick brown fox jumps over")
+    expected = (*target_tok.encode(" the lazy dog."), target_tok.eos_id)
+    for k in (8, 2):
+        session = scripted(drafter, " the lazy dog.", True).open(GREEDY)
+        try:
+            assert session.propose(committed, k).tokens == expected[:k]
+        finally:
+            session.close()
 
 
 def test_second_propose_feeds_only_new_tokens(drafter: TextDrafter, target_tok: Tokenizer) -> None:

@@ -16,7 +16,6 @@ Steps (one time budget for all, `--minutes`):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -25,7 +24,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,29 +35,38 @@ from models.backend import Backend, load_backend
 from models.batch_inputs import batch_inputs
 from models.config import ModelConfig
 from models.decoder import Block, rms_norm
+from models.drafter_cli import (
+    DEFAULT_LAYERS,
+    DEFAULT_MAX_NEW,
+    DEFAULT_MINUTES,
+    DEFAULT_SLOTS,
+    DEFAULT_VOCAB,
+    HELDOUT_PROMPTS,
+    add_train_drafter_parser,
+    cmd_train_drafter,
+    main,
+)
 from models.gguf_loader import GGUFFile
 from models.sampling import SamplingParams, position_generator, probabilities, sample
 from models.trained_drafter import (
     DrafterWeights,
     TrainedDrafter,
-    default_drafter_path,
     save_drafter,
     target_sha256,
 )
 from models.weight_formats import pack_block
 
 TEACHER_TOP = 8  # teacher probabilities kept per position (the rest of the mass is dropped)
-HELDOUT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "speculative_prompts.json"
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    layers: int = 4
-    vocab: int = 16384
-    minutes: float = 50.0
+    layers: int = DEFAULT_LAYERS
+    vocab: int = DEFAULT_VOCAB
+    minutes: float = DEFAULT_MINUTES
     gen_share: float = 0.4  # of the budget, for generating training text
-    max_new: int = 192
-    slots: int = 32
+    max_new: int = DEFAULT_MAX_NEW
+    slots: int = DEFAULT_SLOTS
     temperature: float = 0.7
     top_p: float = 0.95
     lr: float = 2e-4
@@ -191,8 +199,12 @@ def chat_ids(tokenizer: object, prompt: str) -> list[int]:
 
 
 def heldout_prompts(path: Path = HELDOUT_PROMPTS) -> list[str]:
+    """The benchmark's prompts: the agreement figure is measured on them, never trained on."""
     data = json.loads(Path(path).read_text())
     return [str(p["prompt"]) for p in data["prompts"]]
+
+
+__all__ = ["add_train_drafter_parser", "cmd_train_drafter", "train_drafter"]
 
 
 # -- 2-3. frozen features and the reduced vocabulary ------------------------------------------
@@ -590,107 +602,6 @@ def train_drafter(
         threads=torch.get_num_threads(),
         losses=[round(x, 4) for x in losses],
     )
-
-
-# -- CLI --------------------------------------------------------------------------------------
-
-
-def add_train_drafter_parser(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse.ArgumentParser:
-    """Register `train-drafter` under `sled models`."""
-    p = subparsers.add_parser(
-        "train-drafter",
-        help="distil a small drafter for a target model on the target's own generations",
-    )
-    d = TrainOptions()
-    p.add_argument("--target", required=True, help="registry name or .gguf path of the target")
-    p.add_argument(
-        "--out", default=None, help="drafter file (default: <cache>/drafters/NAME.drafter.gguf)"
-    )
-    p.add_argument(
-        "--layers", type=int, default=d.layers, help="frozen target layers before the adapter"
-    )
-    p.add_argument("--minutes", type=float, default=d.minutes, help="time budget for the whole run")
-    p.add_argument("--vocab", type=int, default=d.vocab, help="rows of the reduced output head")
-    p.add_argument(
-        "--slots", type=int, default=d.slots, help="sessions per target pass while generating"
-    )
-    p.add_argument(
-        "--max-new", type=int, default=d.max_new, help="tokens the target writes per prompt"
-    )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--weights", default=d.weights, help="weight format of target and drafter")
-    p.add_argument("--heldout", default=str(HELDOUT_PROMPTS), help="held-out prompts JSON")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_train_drafter)
-    return p
-
-
-def cmd_train_drafter(args: argparse.Namespace) -> int:
-    from models.drafter_prompts import training_prompts
-    from models.registry import RegistryError, resolve_model
-
-    def fail(message: str) -> int:
-        print(f"sled models train-drafter: {message}", file=sys.stderr)
-        return 2
-
-    if args.minutes <= 0:
-        return fail(f"--minutes must be > 0, got {args.minutes}")
-    if args.vocab < 2 or args.slots < 1 or args.max_new < 1 or args.threads < 1:
-        return fail("--vocab must be >= 2 and --slots, --max-new, --threads >= 1")
-    try:
-        target_path = resolve_model(args.target)
-    except (RegistryError, OSError) as exc:
-        return fail(str(exc))
-    name = Path(target_path).name.removesuffix(".gguf")
-    out = Path(args.out) if args.out else default_drafter_path(name)
-    try:
-        heldout = heldout_prompts(Path(args.heldout))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return fail(f"cannot read held-out prompts {args.heldout}: {exc}")
-    torch.set_num_threads(args.threads)
-    options = TrainOptions(
-        layers=args.layers, vocab=args.vocab, minutes=args.minutes, max_new=args.max_new,
-        slots=args.slots, weights=args.weights,
-    )  # fmt: skip
-
-    def say(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-    try:
-        report = train_drafter(
-            Path(target_path), out, options, training_prompts(heldout), heldout, name, say
-        )
-    except ValueError as exc:
-        return fail(str(exc))
-    if args.json:
-        print(json.dumps(asdict(report), indent=2))
-        return 0
-    print(f"drafter saved: {report.path}")
-    print(
-        f"agreement with the target on {report.heldout_positions} held-out positions: "
-        f"{report.agreement:.1%} (untrained: {report.agreement_before:.1%})"
-    )
-    print(
-        f"cost per one-token step: drafter {report.drafter_step_s * 1e3:.1f} ms, target "
-        f"{report.target_step_s * 1e3:.1f} ms ({report.cost_ratio:.1%} of the target, "
-        f"{report.threads} thread(s))"
-    )
-    print(
-        f"data: {report.train_sequences} sequences, {report.train_tokens} target tokens "
-        f"({report.gen_seconds:.0f} s); training: {report.steps} steps, {report.epochs} epochs, "
-        f"{report.train_seconds:.0f} s; total {report.total_seconds / 60:.1f} min"
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m models.drafter_training train-drafter ...` (what `sled models` runs)."""
-    parser = argparse.ArgumentParser(prog="sled models")
-    add_train_drafter_parser(parser.add_subparsers(dest="models_command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
 
 
 if __name__ == "__main__":

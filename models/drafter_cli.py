@@ -49,6 +49,9 @@ def add_train_drafter_parser(
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--weights", default="bf16", help="weight format of target and drafter")
     p.add_argument("--heldout", default=str(HELDOUT_PROMPTS), help="held-out prompts JSON")
+    p.add_argument(
+        "--data", default=None, help="save the target's text here, or reuse it if present"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_drafter)
     return p
@@ -94,7 +97,14 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
 
     try:
         report = train_drafter(
-            Path(target_path), out, options, training_prompts(heldout), heldout, name, say
+            Path(target_path),
+            out,
+            options,
+            training_prompts(heldout),
+            heldout,
+            name,
+            say,
+            data_path=Path(args.data) if args.data else None,
         )
     except (ValueError, RuntimeError) as exc:
         return fail(str(exc))

@@ -24,7 +24,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,7 +64,7 @@ class TrainOptions:
     layers: int = DEFAULT_LAYERS
     vocab: int = DEFAULT_VOCAB
     minutes: float = DEFAULT_MINUTES
-    gen_share: float = 0.4  # of the budget, for generating training text
+    gen_share: float = 0.45  # of the budget, for generating training text
     max_new: int = DEFAULT_MAX_NEW
     slots: int = DEFAULT_SLOTS
     temperature: float = 0.7
@@ -113,6 +113,7 @@ class TrainReport:
     target_step_s: float
     cost_ratio: float
     threads: int
+    text_reused: bool
     losses: list[float] = field(default_factory=list)
 
 
@@ -205,6 +206,27 @@ def heldout_prompts(path: Path = HELDOUT_PROMPTS) -> list[str]:
 
 
 __all__ = ["add_train_drafter_parser", "cmd_train_drafter", "train_drafter"]
+
+
+def save_text(
+    path: Path, sha: str, samples: Sequence[Sample], held: Sequence[Sample], seconds: float
+) -> None:
+    """Keep the target's text so other drafter configurations can train on it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [[asdict(s) for s in samples], [asdict(s) for s in held]]
+    torch.save({"target_sha256": sha, "seconds": seconds, "samples": rows}, path)
+
+
+def load_text(path: Path, sha: str) -> tuple[list[Sample], list[Sample], float] | None:
+    """Samples saved by save_text for this target; None when absent or for another target."""
+    if not Path(path).is_file():
+        return None
+    data = torch.load(path, weights_only=True)
+    if data.get("target_sha256") != sha:
+        return None
+    train, held = ([Sample(**row) for row in rows] for rows in data["samples"])
+    return train, held, float(data["seconds"])
 
 
 # -- 2-3. frozen features and the reduced vocabulary ------------------------------------------
@@ -482,8 +504,12 @@ def train_drafter(
     progress: Progress = _quiet,
     show: bool = True,
     cache_root: Path | None = None,
+    data_path: Path | None = None,
 ) -> TrainReport:
-    """Generate, train, save and measure a drafter for the target (see the module docstring)."""
+    """Generate, train, save and measure a drafter for the target (see the module docstring).
+
+    With `data_path`, the target's text (training and held-out samples) is saved there, or
+    reused from there when it was generated for the same target file."""
     from models.tokenizer import Tokenizer
 
     start = time.monotonic()
@@ -513,25 +539,39 @@ def train_drafter(
         target_path, weights=options.weights, max_slots=options.slots, max_len=max_len,
         cache_root=cache_root,
     )  # fmt: skip
-    train_ids = [chat_ids(tokenizer, t)[: max_len - options.max_new] for t in texts]
-    params = SamplingParams(temperature=options.temperature, top_p=options.top_p, seed=options.seed)
-    gen_start = time.monotonic()
-    samples = generate_samples(
-        target, train_ids, options.max_new, stop_ids, params,
-        deadline=start + options.gen_share * budget, desc="target writes training text", show=show,
-    )  # fmt: skip
-    gen_seconds = time.monotonic() - gen_start
-    if not samples:
-        raise RuntimeError("the time budget ended before the target generated any text")
+    sha = target_sha256(target_path)
+    reused = load_text(data_path, sha) if data_path is not None else None
+    if reused is not None:
+        samples, held, gen_seconds = reused
+        progress(f"reusing the target's text from {data_path} (generated in {gen_seconds:.0f} s)")
+    else:
+        # Similar lengths side by side: new prompts are prefilled together, padded to the longest.
+        train_ids = sorted(
+            (chat_ids(tokenizer, t)[: max_len - options.max_new] for t in texts), key=len
+        )
+        params = SamplingParams(
+            temperature=options.temperature, top_p=options.top_p, seed=options.seed
+        )
+        gen_start = time.monotonic()
+        samples = generate_samples(
+            target, train_ids, options.max_new, stop_ids, params,
+            deadline=start + options.gen_share * budget, desc="target writes training text",
+            show=show,
+        )  # fmt: skip
+        gen_seconds = time.monotonic() - gen_start
+        if not samples:
+            raise RuntimeError("the time budget ended before the target generated any text")
+        held_ids = [chat_ids(tokenizer, t)[: max_len - options.heldout_new] for t in heldout_texts]
+        held = generate_samples(
+            target, held_ids, options.heldout_new, stop_ids, SamplingParams(),
+            desc="target answers held-out prompts", show=show,
+        )  # fmt: skip
+        if data_path is not None:
+            save_text(data_path, sha, samples, held, gen_seconds)
     n_tokens = sum(s.n_gen for s in samples)
     progress(
         f"training text: {len(samples)} sequences, {n_tokens} generated tokens, {gen_seconds:.0f} s"
     )
-    held_ids = [chat_ids(tokenizer, t)[: max_len - options.heldout_new] for t in heldout_texts]
-    held = generate_samples(
-        target, held_ids, options.heldout_new, stop_ids, SamplingParams(),
-        desc="target answers held-out prompts", show=show,
-    )  # fmt: skip
 
     frozen = load_backend(
         target_path, layers=(0, layers), weights=options.weights, max_slots=1, max_len=max_len,
@@ -542,7 +582,6 @@ def train_drafter(
     vocab_ids = reduced_vocabulary(samples, options.vocab, config.vocab_size)
     adapter, final_norm, head = initial_weights(gf, layers, init_layer, vocab_ids)
     net = DrafterNet(config, adapter, final_norm, head, config.sliding_layers[layers])
-    sha = target_sha256(target_path)
 
     def weights_of(info: dict[str, float]) -> DrafterWeights:
         return DrafterWeights(
@@ -600,6 +639,7 @@ def train_drafter(
         target_step_s=round(t_step, 5),
         cost_ratio=round(d_step / t_step, 4),
         threads=torch.get_num_threads(),
+        text_reused=reused is not None,
         losses=[round(x, 4) for x in losses],
     )
 

@@ -212,3 +212,21 @@ def test_default_path_and_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     args = parser.parse_args(["train-drafter", "--target", "x", "--minutes", "0"])
     assert cmd_train_drafter(args) == 2
     assert "--minutes" in capsys.readouterr().err
+
+
+def test_saved_text_is_reused_only_for_the_same_target(
+    trained: Trained, tmp_path: Path, tiny_paths: dict[str, Path]
+) -> None:
+    from models.drafter_training import load_text, save_text
+
+    path = tmp_path / "text.pt"
+    sha = target_sha256(trained.target)
+    save_text(path, sha, trained.samples, trained.samples[:2], 12.5)
+    loaded = load_text(path, sha)
+    assert loaded is not None
+    samples, held, seconds = loaded
+    assert seconds == 12.5 and len(held) == 2
+    assert [s.tokens for s in samples] == [s.tokens for s in trained.samples]
+    assert torch.equal(samples[0].top_probs, trained.samples[0].top_probs)
+    assert load_text(path, target_sha256(tiny_paths["llama"])) is None
+    assert load_text(tmp_path / "absent.pt", sha) is None

@@ -57,6 +57,7 @@ from models.trained_drafter import (
 from models.weight_formats import pack_block
 
 TEACHER_TOP = 8  # teacher probabilities kept per position (the rest of the mass is dropped)
+SAMPLE_TOP = 64  # the target's training text is sampled from its top 64 tokens
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,12 @@ def generate_samples(
             if params.greedy:
                 token = int(logits.argmax())
             else:
+                # Top-k first, then temperature/top-p within it: the same distribution as
+                # params with top_k=SAMPLE_TOP, without sorting the whole vocabulary per row
+                # (measured 24 ms a row, as long as a batched target step).
+                values, indices = logits.topk(min(SAMPLE_TOP, logits.shape[-1]))
                 gen = position_generator(params.seed + 7919 * index, position)
-                token = int(sample(probabilities(logits, params), gen))
+                token = int(indices[sample(probabilities(values, params), gen)])
             tokens.append(token)
             bar.update(1)
             if token in stops or len(tokens) - n_prompt >= max_new or cache.room(slot) < 1:

@@ -11,6 +11,16 @@ comes from a failover) and continues from there. The token at absolute position 
 committed + reply) is drawn with `position_generator(seed, p)`, and prefill runs in
 `PREFILL_CHUNK` chunks from the start of the sequence as `models.generate` does, so a reply is
 the same whichever node computes it and whatever else shares its batches.
+
+Speculative decoding (the verifier role). A session may have a drafter (`DraftRouter` gives
+each session a `DraftChannel`: prompt lookup here, or a drafter node). Once a session has read
+all its committed tokens, the engine asks its drafter for k tokens (k from the session's
+`DraftPolicy`: adaptive, or fixed) and the session's next pass carries [last token, d_1..d_k];
+`verify_draft` keeps the longest acceptable prefix plus one token, and the session's KV cache is
+truncated past what stands. Passes never wait for a slow drafter while other sessions are
+ready; a session whose draft is late by more than `draft_patience` goes ahead with no draft.
+A failing drafter is replaced (another drafter, or none) without changing the text: drafts
+only ever save passes, the verifier alone decides tokens.
 """
 
 from __future__ import annotations
@@ -27,11 +37,14 @@ from typing import Literal, Protocol
 
 import torch
 
+from agent.drafting import DraftChannel, DraftFailed
 from agent.metrics import NodeMetrics
 from agent.service import BadRequestError, OverloadedError, UnavailableError
+from agent.wire import SpeculationStats
 from models.backend import Backend
 from models.generate import PREFILL_CHUNK
 from models.sampling import SamplingParams, next_token, position_generator
+from models.speculative import Draft, DraftPolicy, PassCostCurve, verify_draft
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,17 @@ class TokenStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+class DraftRouter(Protocol):
+    """Gives a session a drafter: a channel, or None to verify without drafts."""
+
+    async def channel(
+        self, session_id: str, params: SamplingParams, exclude: Collection[str]
+    ) -> DraftChannel | None: ...
+
+
+DRAFT_PATIENCE_S = 1.0  # how long a caught-up session waits for its draft before going without
+
+
 class TokenSource(Protocol):
     """Something that continues a token sequence: a local engine, or a remote node."""
 
@@ -75,12 +99,42 @@ class _Work:
     tokens: list[int]
     params: SamplingParams
     max_new: int
+    session_id: str = ""
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     slot: int | None = None
     fed: int = 0  # tokens of `tokens` already in the KV cache
     generated: int = 0
     cancelled: bool = False
     finish_reason: EngineFinish | None = None
+    # Speculative decoding.
+    policy: DraftPolicy | None = None
+    channel: DraftChannel | None = None
+    channel_task: asyncio.Task[DraftChannel | None] | None = None
+    draft_task: asyncio.Task[Draft] | None = None
+    draft_asked: float = 0.0
+    draft: Draft | None = None
+    excluded: set[str] = field(default_factory=set)
+    kind: str = ""
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    asked_k: int = 0
+    drafter_failures: int = 0
+
+    @property
+    def caught_up(self) -> bool:
+        """Every committed token but the last is in the KV cache (decoding, not prefilling)."""
+        return self.fed == len(self.tokens) - 1
+
+    def stats(self) -> SpeculationStats:
+        steps = self.verify_steps
+        return SpeculationStats(
+            kind=self.kind,
+            drafted=self.drafted,
+            accepted=self.accepted,
+            verify_steps=steps,
+            draft_k=self.asked_k / steps if steps else 0.0,
+        )
 
 
 class EngineStream:
@@ -113,6 +167,10 @@ class EngineStream:
             self._done = True
             self._engine._cancel(self._work)
 
+    def stats(self) -> SpeculationStats:
+        """This session's speculative-decoding figures so far."""
+        return self._work.stats()
+
 
 class Engine:
     """Continuous batching over one backend that holds all layers of a model."""
@@ -126,6 +184,10 @@ class Engine:
         metrics: NodeMetrics | None = None,
         max_queue: int = 16,
         prefill_chunk: int = PREFILL_CHUNK,
+        drafts: DraftRouter | None = None,
+        draft_k: int | None = None,
+        k_max: int = 8,
+        draft_patience: float = DRAFT_PATIENCE_S,
     ) -> None:
         n_layers = backend.config.n_layers
         if backend.layers != (0, n_layers):
@@ -146,6 +208,12 @@ class Engine:
         self._closing = False
         self.steps = 0  # forward passes run (tests and /status)
         self.last_batch = 0  # sessions in the latest pass
+        self.drafts = drafts
+        self.draft_k = draft_k
+        self.k_max = k_max
+        self.draft_patience = draft_patience
+        # The measured cost of a pass by tokens in it, shared by all sessions' draft policies.
+        self.pass_cost = PassCostCurve()
 
     # -- figures -----------------------------------------------------------------------------
 
@@ -165,7 +233,13 @@ class Engine:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def open(self, committed: Sequence[int], params: SamplingParams, max_new: int) -> EngineStream:
+    def open(
+        self,
+        committed: Sequence[int],
+        params: SamplingParams,
+        max_new: int,
+        session_id: str = "",
+    ) -> EngineStream:
         if self._closing:
             raise UnavailableError("this node's engine is shutting down")
         if not committed:
@@ -187,7 +261,11 @@ class Engine:
                 "waiting; try again shortly",
                 retry_after=1.0,
             )
-        work = _Work(list(committed), params, max_new)
+        work = _Work(
+            list(committed), params, max_new, session_id or f"local-{id(self)}-{self.steps}"
+        )
+        if self.drafts is not None:
+            work.policy = DraftPolicy(self.pass_cost, self.draft_k, self.k_max)
         self._waiting.append(work)
         self._report_queue()
         self._ensure_worker()
@@ -233,10 +311,15 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = list(self._active)
+            self._start_drafting()
+            batch = self._ready()
+            if not batch:
+                await self._wait_for_drafts()
+                continue
             inputs = [self._next_input(w) for w in batch]
+            drafts = [self._take_draft(w) for w in batch]
             try:
-                tokens = await loop.run_in_executor(self._executor, self._step, batch, inputs)
+                out = await loop.run_in_executor(self._executor, self._step, batch, inputs, drafts)
             except Exception as exc:  # a backend failure ends the sessions of this pass only
                 log.exception("forward pass over %d sessions failed", len(batch))
                 for work in batch:
@@ -244,52 +327,219 @@ class Engine:
                 continue
             self.steps += 1
             self.last_batch = len(batch)
-            for work, token in zip(batch, tokens, strict=True):
-                if token is not None and not work.cancelled:
-                    self._deliver(work, token)
+            if self.metrics is not None:
+                self.metrics.verify_batch.observe(len(batch))
+            for work, draft, tokens in zip(batch, drafts, out, strict=True):
+                if tokens is None or work.cancelled:
+                    continue
+                self._count(work, draft, len(tokens) - 1)
+                for token in tokens:
+                    if not self._deliver(work, token):
+                        break
 
     def _next_input(self, work: _Work) -> list[int]:
         # Chunk boundaries are counted from the start of the sequence, as models.generate does.
         end = min(len(work.tokens), (work.fed // self.prefill_chunk + 1) * self.prefill_chunk)
         return work.tokens[work.fed : end]
 
-    def _step(self, batch: Sequence[_Work], inputs: Sequence[list[int]]) -> list[int | None]:
-        """On the worker thread: one pass, then a token for each session that is caught up."""
+    def _step(
+        self, batch: Sequence[_Work], inputs: Sequence[list[int]], drafts: Sequence[Draft | None]
+    ) -> list[list[int] | None]:
+        """On the worker thread: one pass; for each session that has read all its committed
+        tokens, the tokens it gains (accepted draft tokens, then one more)."""
         assert all(w.slot is not None for w in batch)
         slots = [w.slot for w in batch]
-        tensors = [torch.tensor(ids, dtype=torch.int64) for ids in inputs]
-        logits = self.backend.forward(slots, tensors, last_only=True)  # type: ignore[arg-type]
-        out: list[int | None] = []
-        for work, ids, rows in zip(batch, inputs, logits, strict=True):
+        fed = [
+            ids + list(d.tokens) if d is not None else ids
+            for ids, d in zip(inputs, drafts, strict=True)
+        ]
+        tensors = [torch.tensor(ids, dtype=torch.int64) for ids in fed]
+        keep = [1 + (d.k if d is not None else 0) for d in drafts]
+        start = time.perf_counter()
+        rows = self.backend.forward(slots, tensors, keep=keep)  # type: ignore[arg-type]
+        self.pass_cost.observe(sum(len(ids) for ids in fed), time.perf_counter() - start)
+        out: list[list[int] | None] = []
+        for work, ids, draft, logits in zip(batch, inputs, drafts, rows, strict=True):
+            assert work.slot is not None
             work.fed += len(ids)
             if work.fed < len(work.tokens):
                 out.append(None)  # still prefilling
-            else:
-                out.append(choose_token(rows[-1], work.params, len(work.tokens)))
+                continue
+            if draft is None or draft.k == 0:
+                out.append([choose_token(logits[-1], work.params, len(work.tokens))])
+                continue
+            verdict = verify_draft(logits, draft, work.params)
+            self.backend.cache.truncate(work.slot, work.fed + verdict.accepted)
+            work.fed += verdict.accepted
+            out.append([*draft.tokens[: verdict.accepted], verdict.token])
         return out
 
-    def _deliver(self, work: _Work, token: int) -> None:
+    # -- drafting ------------------------------------------------------------------------------
+
+    def _start_drafting(self) -> None:
+        """Ask for drafts for caught-up sessions that have none coming."""
+        if self.drafts is None:
+            return
+        for work in self._active:
+            policy = work.policy
+            if policy is None or work.cancelled:
+                continue
+            if work.channel is None:
+                if work.channel_task is None and not work.excluded.issuperset({"*"}):
+                    work.channel_task = asyncio.get_running_loop().create_task(
+                        self.drafts.channel(work.session_id, work.params, set(work.excluded))
+                    )
+                    work.channel_task.add_done_callback(lambda _: self._wake.set())
+                continue
+            if not work.caught_up or work.draft is not None or work.draft_task is not None:
+                continue
+            assert work.slot is not None
+            room = min(
+                self.backend.cache.room(work.slot) - 1,  # the last committed token goes in too
+                work.max_new - work.generated - 1,  # the pass adds one token beyond the draft
+            )
+            others = sum(1 + w.policy.last_k for w in self._active if w is not work and w.policy)
+            k = policy.next_k(room, others)
+            if k < 1:
+                continue
+            work.draft_asked = time.monotonic()
+            task = asyncio.get_running_loop().create_task(
+                work.channel.propose(list(work.tokens), k)
+            )
+            task.add_done_callback(lambda _: self._wake.set())
+            work.draft_task = task
+
+    def _collect(self, work: _Work) -> None:
+        """Take in finished channel and draft tasks."""
+        if work.channel_task is not None and work.channel_task.done():
+            channel_task, work.channel_task = work.channel_task, None
+            failed = channel_task.cancelled() or channel_task.exception() is not None
+            channel = None if failed else channel_task.result()
+            if channel is None:
+                work.excluded.add("*")  # no drafter for this session: verify without drafts
+            else:
+                work.channel = channel
+        if work.draft_task is not None and work.draft_task.done():
+            draft_task, work.draft_task = work.draft_task, None
+            assert work.policy is not None
+            if draft_task.cancelled():
+                return
+            exc = draft_task.exception()
+            if exc is None:
+                draft = draft_task.result()
+                work.draft = draft
+                work.kind = draft.kind or work.kind
+                work.policy.observe_draft(draft.k, time.monotonic() - work.draft_asked)
+            else:
+                self._drafter_failed(work, exc)
+
+    def _drafter_failed(self, work: _Work, exc: BaseException) -> None:
+        channel, work.channel = work.channel, None
+        if channel is not None:
+            work.excluded.add(channel.node or "local")
+            asyncio.get_running_loop().create_task(_close_quietly(channel))
+        work.drafter_failures += 1
+        if self.metrics is not None:
+            self.metrics.drafter_failovers.inc()
+        level = logging.WARNING if isinstance(exc, DraftFailed) else logging.ERROR
+        log.log(level, "session %s: drafter failed (%s); drafting elsewhere", work.session_id, exc)
+
+    def _ready(self) -> list[_Work]:
+        """Sessions to put in the next pass: all but those waiting (within patience) for a
+        draft or for their drafter to be chosen."""
+        now = time.monotonic()
+        ready = []
+        for work in self._active:
+            self._collect(work)
+            if not work.caught_up or work.draft is not None:
+                ready.append(work)
+            elif work.draft_task is not None:
+                if now - work.draft_asked > self.draft_patience:
+                    ready.append(work)  # late draft: go without it (it is aligned if it comes)
+            elif work.channel_task is None:
+                ready.append(work)
+        return ready
+
+    async def _wait_for_drafts(self) -> None:
+        waiting = [w for w in self._active if w.draft_task is not None]
+        timeout = self.draft_patience
+        if waiting:
+            oldest = min(w.draft_asked for w in waiting)
+            timeout = max(0.0, oldest + self.draft_patience - time.monotonic()) + 0.001
+        self._wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _take_draft(self, work: _Work) -> Draft | None:
+        """The session's draft for this pass, aligned to its position; None when it has none."""
+        draft, work.draft = work.draft, None
+        if draft is None or not work.caught_up:
+            if draft is not None:
+                work.draft = draft  # keep it for when the prefill is through
+            return None
+        position = len(work.tokens)
+        if draft.position != position:
+            skip = position - draft.position
+            if skip < 0 or list(draft.tokens[:skip]) != work.tokens[draft.position : position]:
+                return None  # drafted for text that did not happen
+            draft = draft.after(position)
+        assert work.slot is not None
+        limit = min(self.backend.cache.room(work.slot) - 1, work.max_new - work.generated - 1)
+        if draft.k > limit:
+            draft = _cut(draft, max(0, limit))
+        return draft if draft.k else None
+
+    def _count(self, work: _Work, draft: Draft | None, accepted: int) -> None:
+        if work.policy is None:
+            return
+        drafted = draft.k if draft is not None else 0
+        work.verify_steps += 1
+        work.drafted += drafted
+        work.accepted += accepted
+        work.asked_k += drafted
+        work.policy.observe_verify(drafted, accepted)
+        if self.metrics is not None:
+            self.metrics.observe_verify_step(drafted, accepted, work.kind or "none")
+
+    def _deliver(self, work: _Work, token: int) -> bool:
+        """Commit one token; False when the session ended."""
         if token in self.stop_ids:
             self._finish(work, "stop")
-            return
+            return False
         work.tokens.append(token)
         work.generated += 1
         work.queue.put_nowait(token)
         assert work.slot is not None
         if work.generated >= work.max_new or self.backend.cache.room(work.slot) < 1:
             self._finish(work, "length")
+            return False
+        return True
 
     def _finish(
         self, work: _Work, reason: EngineFinish | None, error: BaseException | None = None
     ) -> None:
         if work in self._active:
             self._active.remove(work)
+        self._stop_drafting(work)
         if work.slot is not None:
             self.backend.cache.free(work.slot)
             work.slot = None
         work.finish_reason = reason
         work.queue.put_nowait(error if error is not None else _END)
         self._report_queue()
+
+    def _stop_drafting(self, work: _Work) -> None:
+        for task in (work.draft_task, work.channel_task):
+            if task is not None and not task.done():
+                task.cancel()
+        work.draft_task = None
+        work.draft = None
+        if work.channel_task is not None and work.channel_task.done():
+            self._collect(work)
+        work.channel_task = None
+        channel, work.channel = work.channel, None
+        if channel is not None:
+            asyncio.get_running_loop().create_task(_close_quietly(channel))
 
     def _retire_cancelled(self) -> None:
         for work in [w for w in self._active if w.cancelled]:
@@ -310,3 +560,16 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_queue_depth("engine_waiting", len(self._waiting))
             self.metrics.set_queue_depth("engine_active", len(self._active))
+
+
+async def _close_quietly(channel: DraftChannel) -> None:
+    try:
+        await channel.close()
+    except Exception:  # closing is a courtesy to the drafter; it drops idle sessions anyway
+        log.debug("closing a %s draft channel failed", channel.kind, exc_info=True)
+
+
+def _cut(draft: Draft, k: int) -> Draft:
+    q_ids = None if draft.q_ids is None else draft.q_ids[:k]
+    q_probs = None if draft.q_probs is None else draft.q_probs[:k]
+    return Draft(draft.position, draft.tokens[:k], q_ids, q_probs, draft.kind, draft.draft_s)

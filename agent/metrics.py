@@ -16,6 +16,8 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 12
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ACCEPTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TOKENS_PER_STEP_BUCKETS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+DRAFT_LENGTH_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -61,20 +63,40 @@ class NodeMetrics:
         # Drafting (speculative decoding) figures; zero until drafting runs.
         self.draft_tokens = Counter(
             "sled_draft_tokens",
-            "Draft tokens proposed to the verifier, by outcome",
-            ["outcome"],  # accepted | rejected
+            "Draft tokens proposed to the verifier, by drafter kind and outcome",
+            ["kind", "outcome"],  # outcome: accepted | rejected
             registry=r,
         )
         self.draft_acceptance = Histogram(
             "sled_draft_acceptance_ratio",
-            "Accepted share of the drafted tokens, per verify step",
+            "Accepted share of the drafted tokens, per verify step with a draft",
+            ["kind"],
             buckets=ACCEPTANCE_BUCKETS,
             registry=r,
         )
         self.tokens_per_verify_step = Histogram(
             "sled_tokens_per_verify_step",
             "Tokens committed per verify pass (accepted drafts plus the bonus token)",
+            ["kind"],
             buckets=TOKENS_PER_STEP_BUCKETS,
+            registry=r,
+        )
+        self.draft_length = Histogram(
+            "sled_draft_length",
+            "Draft tokens per verify step (the adaptive or fixed draft length in use)",
+            ["kind"],
+            buckets=DRAFT_LENGTH_BUCKETS,
+            registry=r,
+        )
+        self.verify_batch = Histogram(
+            "sled_verify_batch_sessions",
+            "Sessions in one verifier forward pass",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.drafter_failovers = Counter(
+            "sled_drafter_failovers",
+            "Sessions whose drafter failed and that went on with another drafter or none",
             registry=r,
         )
 
@@ -97,15 +119,16 @@ class NodeMetrics:
     def set_queue_depth(self, queue: str, depth: int) -> None:
         self.queue_depth.labels(queue=queue).set(depth)
 
-    def observe_verify_step(self, drafted: int, accepted: int) -> None:
-        """One verify pass over `drafted` draft tokens, of which `accepted` were kept."""
+    def observe_verify_step(self, drafted: int, accepted: int, kind: str = "none") -> None:
+        """One session's verify pass over `drafted` draft tokens, of which `accepted` stood."""
         if drafted < 0 or not 0 <= accepted <= drafted:
             raise ValueError(f"bad verify figures: drafted={drafted}, accepted={accepted}")
-        self.draft_tokens.labels(outcome="accepted").inc(accepted)
-        self.draft_tokens.labels(outcome="rejected").inc(drafted - accepted)
+        self.draft_tokens.labels(kind=kind, outcome="accepted").inc(accepted)
+        self.draft_tokens.labels(kind=kind, outcome="rejected").inc(drafted - accepted)
         if drafted:
-            self.draft_acceptance.observe(accepted / drafted)
-        self.tokens_per_verify_step.observe(accepted + 1)
+            self.draft_acceptance.labels(kind=kind).observe(accepted / drafted)
+        self.tokens_per_verify_step.labels(kind=kind).observe(accepted + 1)
+        self.draft_length.labels(kind=kind).observe(drafted)
 
     def text(self) -> str:
         """Prometheus text exposition format (version 0.0.4)."""

@@ -36,7 +36,11 @@ class Backend(Protocol):
     weight_format: str
 
     def forward(
-        self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
+        self,
+        slots: Sequence[int],
+        inputs: Sequence[torch.Tensor],
+        last_only: bool = False,
+        keep: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """One batched pass over several sessions with ragged new-token counts T_i.
 
@@ -44,7 +48,8 @@ class Backend(Protocol):
         Appends each session's keys/values to its slot. Returns per session logits [T_i, vocab]
         (float32) if layers[1] == n_layers, else hidden states [T_i, dim] in the backend's
         activation dtype. With last_only, only the last position's row is returned ([1, ...]),
-        which saves the output head's cost on long prefills.
+        which saves the output head's cost on long prefills; `keep[i]` asks for the last
+        keep[i] rows of session i instead (a verifier's k+1 rows next to prefill chunks).
         """
         ...
 

@@ -180,3 +180,16 @@ def prepare_pass(
     counts = new_token_counts(past_lens, inputs)
     x = pad_inputs(config, first, inputs, max(counts), dtype)
     return PreparedPass(counts, x, batch_inputs(config, past_lens, counts, dtype, freq_factors))
+
+
+def rows_kept(
+    counts: Sequence[int], keep: Sequence[int] | None, last_only: bool
+) -> list[tuple[int, int]]:
+    """(new tokens, rows to return) per session for a pass that returns only the last rows."""
+    if keep is None:
+        keep = [1] * len(counts) if last_only else list(counts)
+    if len(keep) != len(counts):
+        raise BadBatchError(f"keep has {len(keep)} entries for {len(counts)} sessions")
+    if any(not 1 <= m <= n for m, n in zip(keep, counts, strict=True)):
+        raise BadBatchError(f"keep {list(keep)} must be in [1, new tokens {list(counts)}]")
+    return list(zip(counts, keep, strict=True))

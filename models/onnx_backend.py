@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from models.backend import UnsupportedBackendError
-from models.batch_inputs import BadBatchError, batch_inputs, prepare_pass
+from models.batch_inputs import BadBatchError, batch_inputs, prepare_pass, rows_kept
 from models.config import ModelConfig
 from models.gguf_loader import GGUFFile
 from models.kv_cache import KVCache
@@ -411,7 +411,11 @@ class OnnxBackend:
         return self.layers[1] == self.config.n_layers
 
     def forward(
-        self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
+        self,
+        slots: Sequence[int],
+        inputs: Sequence[torch.Tensor],
+        last_only: bool = False,
+        keep: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """One padded pass over several sessions (see models.backend.Backend.forward)."""
         if len(slots) != len(inputs):
@@ -449,8 +453,9 @@ class OnnxBackend:
             counts,
         )
         out = torch.from_numpy(h)
-        if last_only:
-            return [out[i, n - 1 : n].clone() for i, n in enumerate(counts)]
+        if last_only or keep is not None:
+            kept = rows_kept(counts, keep, last_only)
+            return [out[i, n - m : n].clone() for i, (n, m) in enumerate(kept)]
         return [out[i, :n].clone() for i, n in enumerate(counts)]
 
 

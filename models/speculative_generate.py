@@ -19,7 +19,7 @@ from models.backend import Backend
 from models.drafters import Drafter
 from models.generate import PREFILL_CHUNK, GenerationStats
 from models.sampling import SamplingParams, next_token, position_generator
-from models.speculative import Draft, DraftPolicy, PassCostCurve, verify_draft
+from models.speculative import Draft, DraftPolicy, PassCostCurve, Verdict, verify_draft
 
 DEFAULT_K_MAX = 8
 
@@ -62,11 +62,13 @@ def generate_speculative(
     on_token: Callable[[int], None] | None = None,
     k_max: int = DEFAULT_K_MAX,
     prefill_chunk: int = PREFILL_CHUNK,
+    verify: Callable[[torch.Tensor, Draft, SamplingParams], Verdict] = verify_draft,
 ) -> SpeculativeResult:
     """Generate like `models.generate.generate`, with drafts verified by the target.
 
     `draft_k` fixes the draft length; None adapts it per step. Greedy output equals
-    `generate`'s token for token; sampled output follows the same distribution.
+    `generate`'s token for token; sampled output follows the same distribution. `verify` is
+    replaceable only so a test can break the acceptance rule and watch that test fail.
     """
     n_layers = backend.config.n_layers
     if backend.layers != (0, n_layers):
@@ -132,7 +134,7 @@ def generate_speculative(
             fed = cache.length(slot)
             inputs = torch.tensor([token, *draft.tokens], dtype=torch.int64)
             rows = backend.forward([slot], [inputs])[0]
-            verdict = verify_draft(rows, draft, params)
+            verdict = verify(rows, draft, params)
             cache.truncate(slot, fed + 1 + verdict.accepted)
             elapsed = time.perf_counter() - pass_start
             verify_s += elapsed

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models.batch_inputs import BadBatchError, prepare_pass
+from models.batch_inputs import BadBatchError, prepare_pass, rows_kept
 from models.config import ModelConfig
 from models.decoder import DecoderCore
 from models.kv_cache import KVCache
@@ -44,7 +44,11 @@ class TorchBackend:
         return self.layers[1] == self.config.n_layers
 
     def forward(
-        self, slots: Sequence[int], inputs: Sequence[torch.Tensor], last_only: bool = False
+        self,
+        slots: Sequence[int],
+        inputs: Sequence[torch.Tensor],
+        last_only: bool = False,
+        keep: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """One padded pass over several sessions (see models.backend.Backend.forward)."""
         if len(slots) != len(inputs):
@@ -60,14 +64,17 @@ class TorchBackend:
             past_k, past_v = self.cache.gather(slots, bi.past_len)
             out, new_k, new_v = self.core(
                 x, bi.cos, bi.sin, bi.cos_local, bi.sin_local, bi.mask, bi.mask_local,
-                past_k, past_v, apply_head=not last_only,
+                past_k, past_v, apply_head=not last_only and keep is None,
             )  # fmt: skip
             self.cache.write(slots, new_k, new_v, counts)
-            if last_only:
-                out = torch.stack([out[i, n - 1] for i, n in enumerate(counts)])[:, None]
+            if last_only or keep is not None:
+                wanted = rows_kept(counts, keep, last_only)
+                # Only the kept rows go through the head: a verifier needs k+1 rows of a session
+                # that also brought a 256-token prefill chunk.
+                rows = torch.cat([out[i, n - m : n] for i, (n, m) in enumerate(wanted)])
                 if self.last:
-                    out = self.core.logits(out)
-                return [o.float() if self.last else o for o in out]
+                    rows = self.core.logits(rows[None])[0].float()
+                return list(rows.split([m for _, m in wanted]))
             return [
                 out[i, :n].float() if self.last else out[i, :n].clone()
                 for i, n in enumerate(counts)

@@ -27,7 +27,7 @@ def test_updates_appear_in_text() -> None:
     m.set_queue_depth("verify", 3)
     m.observe_first_token("tiny-llama", 0.2)
     m.observe_token_gap("tiny-llama", 0.03)
-    m.observe_verify_step(drafted=4, accepted=3)
+    m.observe_verify_step(drafted=4, accepted=3, kind="ngram")
     s = _samples(m.text())
     assert s[("sled_requests_total", (("api", "openai_chat"), ("status", "200")))] == 2
     assert s[("sled_requests_total", (("api", "ollama_generate"), ("status", "429")))] == 1
@@ -45,10 +45,12 @@ def test_updates_appear_in_text() -> None:
         == 0
     )
     assert s[("sled_token_latency_seconds_sum", (("model", "tiny-llama"),))] == pytest.approx(0.03)
-    assert s[("sled_draft_tokens_total", (("outcome", "accepted"),))] == 3
-    assert s[("sled_draft_tokens_total", (("outcome", "rejected"),))] == 1
-    assert s[("sled_draft_acceptance_ratio_sum", ())] == pytest.approx(0.75)
-    assert s[("sled_tokens_per_verify_step_sum", ())] == 4
+    ngram = ("kind", "ngram")
+    assert s[("sled_draft_tokens_total", (ngram, ("outcome", "accepted")))] == 3
+    assert s[("sled_draft_tokens_total", (ngram, ("outcome", "rejected")))] == 1
+    assert s[("sled_draft_acceptance_ratio_sum", (ngram,))] == pytest.approx(0.75)
+    assert s[("sled_tokens_per_verify_step_sum", (ngram,))] == 4
+    assert s[("sled_draft_length_sum", (ngram,))] == 4
 
 
 def test_registries_are_independent() -> None:

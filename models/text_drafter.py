@@ -32,6 +32,7 @@ committed tokens, and the drafter side keeps the ids of a frozen prefix of the r
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +43,13 @@ import torch
 from models.backend import Backend, load_backend
 from models.sampling import SamplingParams
 from models.speculative import Draft, common_prefix
-from models.tokenizer import TYPE_CONTROL, Tokenizer, token_byte_table
+from models.tokenizer import (
+    TYPE_CONTROL,
+    TYPE_NORMAL,
+    TYPE_USER_DEFINED,
+    Tokenizer,
+    token_byte_table,
+)
 
 TURN_START_TOKENS = ("<|im_start|>", "<start_of_turn>")
 TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>")
@@ -139,6 +146,21 @@ class ChatRenderer:
         return (raw if raw.startswith(b"\n") else b" " + raw.lstrip(b" ")), after
 
 
+def _sorted_vocab(tokenizer: Tokenizer, table: Sequence[bytes]) -> tuple[torch.Tensor, list[str]]:
+    """The drafter's ordinary tokens sorted by their text (ids, texts), so that the tokens
+    starting with a given text are one contiguous range."""
+    kinds = tokenizer.spec.token_types
+    pairs = []
+    for token, raw in enumerate(table):
+        if kinds[token] in (TYPE_NORMAL, TYPE_USER_DEFINED) and raw:
+            try:
+                pairs.append((raw.decode("utf-8"), token))
+            except UnicodeDecodeError:
+                continue
+    pairs.sort()
+    return torch.tensor([t for _, t in pairs], dtype=torch.int64), [text for text, _ in pairs]
+
+
 def may_continue(text: str) -> bool:
     """Whether text may stop inside a word: its last target token could then be a fragment
     of what the drafter would have gone on to write, and is not proposed. After punctuation or
@@ -221,6 +243,7 @@ class TextDraftStats:
     straddled: int = 0  # a joint token crossed it (dropped; the draft re-tokenised alone)
     mismatched: int = 0  # the context did not re-tokenise to the committed ids: no draft
     skipped: int = 0  # nothing to draft (not in the target's turn, no room, k < 1)
+    healed: int = 0  # the context's last drafter token was left to the draft's first
 
 
 @dataclass(frozen=True)
@@ -285,12 +308,16 @@ class TextSession:
         if len(ids) + max_steps > cache.max_len:
             self.stats.skipped += 1
             return ()
+        healed = drafter.healed_text(ids[-1]) if len(ids) > 1 else ""
+        if healed:
+            ids = ids[:-1]
+            self.stats.healed += 1
         keep = min(common_prefix(self._fed, ids), len(ids) - 1)
         cache.truncate(self._slot, keep)
         del self._fed[keep:]
         logits = self._feed(ids[keep:])
         self.stats.prefilled += len(ids) - keep
-        text, ended = self._generate(logits, k, max_steps, fresh=state.fresh)
+        text, ended = self._generate(logits, k, max_steps, state.fresh, healed)
         if not text and not ended:
             return ()
         end = drafter.turn_end if state.turn == ASSISTANT else drafter.target.eos_id
@@ -299,19 +326,24 @@ class TextSession:
         return result.tokens[:k]
 
     def _generate(
-        self, logits: torch.Tensor, k: int, max_steps: int, fresh: bool
+        self, logits: torch.Tensor, k: int, max_steps: int, fresh: bool, healed: str
     ) -> tuple[str, bool]:
-        """Greedy drafter text after the fed ids, and whether the drafter ended it."""
+        """Greedy drafter text after the fed ids (less the healed text its first token must
+        start with), and whether the drafter ended it."""
         drafter = self._drafter
         pieces: list[int] = []
         text = ""
         for step in range(max_steps):
-            token = int(logits.argmax())
+            if step == 0 and healed:
+                token = drafter.best_with_prefix(logits, healed)
+            else:
+                token = int(logits.argmax())
             self.stats.steps += 1
             if token in drafter.tokenizer.stop_ids:
                 return text, True
             pieces.append(token)
             text = complete_utf8(b"".join(drafter.drafter_table[t] for t in pieces))
+            text = text[len(healed) :]
             if fresh:
                 # "Assistant:" was followed by the space the target's turn does not have.
                 text = text.removeprefix(" ")
@@ -341,6 +373,7 @@ class TextDrafter:
         target: Tokenizer,
         kind: str = "text",
         prefill_chunk: int = 256,
+        heal: str = "space",
     ) -> None:
         if backend.layers != (0, backend.config.n_layers):
             raise ValueError("a drafter backend must hold all layers of its model")
@@ -356,6 +389,29 @@ class TextDrafter:
         }
         ends = [i for i, t in enumerate(target.spec.tokens) if t in TURN_END_TOKENS]
         self.turn_end = ends[0] if ends else target.eos_id
+        self.heal = heal
+        self._vocab_order, self._vocab_texts = _sorted_vocab(tokenizer, self.drafter_table)
+
+    def healed_text(self, last: int) -> str:
+        """The text of the context's last drafter token if the draft should regenerate it
+        (token healing): a run of whitespace, which the drafter splits otherwise than the target
+        (Qwen's "\\n   " + " return" against Gemma's "\\n" + "    " + "return"), so that the
+        drafter, seeing three spaces, writes a newline rather than the code after them."""
+        if self.heal == "off" or last in self.tokenizer.stop_ids:
+            return ""
+        text = self.drafter_table[last].decode("utf-8", errors="replace")
+        if self.heal == "space" and text.strip(" \t"):
+            return ""
+        return text if text and "\ufffd" not in text else ""
+
+    def best_with_prefix(self, logits: torch.Tensor, prefix: str) -> int:
+        """The drafter's most likely token among those whose text starts with prefix."""
+        lo = bisect.bisect_left(self._vocab_texts, prefix)
+        hi = bisect.bisect_left(self._vocab_texts, prefix + "\U0010ffff", lo)
+        if lo == hi:
+            return int(logits.argmax())
+        ids = self._vocab_order[lo:hi]
+        return int(ids[int(logits[ids].argmax())])
 
     def open(self, params: SamplingParams) -> TextSession:
         return TextSession(self, params)
@@ -386,13 +442,17 @@ class TextDrafter:
             return TargetDraft((), "mismatched")  # the target stopped inside a character
         joint = self.target.encode(context_text + text, add_bos=False)
         cut = len(context)
-        pairs = self._with_ends(joint)
-        before = [pair for pair in pairs if pair[0] <= cut]
-        reached = before[-1][0] if before else 0
-        # The committed tokens up to where the joint tokenisation still has a boundary must be
-        # what the target's tokenizer makes of that text (the last few are checked).
-        wanted = [pair for pair in self._with_ends(tail) if pair[0] <= reached][-CHECK_TOKENS:]
-        if before[len(before) - len(wanted) :] != wanted:
+        before = [pair for pair in self._with_ends(joint) if pair[0] <= cut]
+        tail_pairs = self._with_ends(tail)
+        tail_ends = {end for end, _ in tail_pairs}
+        # The last offset where both tokenisations have a boundary; up to there the committed
+        # tokens must be what the target's tokenizer makes of the text (the last few checked).
+        agreed = len(before)
+        while agreed and before[agreed - 1][0] not in tail_ends:
+            agreed -= 1
+        reached = before[agreed - 1][0] if agreed else 0
+        wanted = [pair for pair in tail_pairs if pair[0] <= reached][-CHECK_TOKENS:]
+        if before[agreed - len(wanted) : agreed] != wanted:
             return TargetDraft((), "mismatched")
         if reached == cut:
             boundary, tokens = "aligned", joint[len(before) :]

@@ -19,7 +19,7 @@ from models.text_drafter import (
     complete_utf8,
     load_text_drafter,
 )
-from models.tokenizer import TYPE_CONTROL, Tokenizer
+from models.tokenizer import TYPE_BYTE, TYPE_CONTROL, Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
 ONNX_CHUNK = 3  # several ONNX chunks per tiny model
@@ -262,6 +262,44 @@ def test_plain_text_ends_with_the_target_eos(drafter: TextDrafter, target_tok: T
             assert session.propose(committed, k).tokens == expected[:k]
         finally:
             session.close()
+
+
+@pytest.mark.parametrize("heal", ["space", "off"])
+def test_trailing_spaces_are_healed(drafter: TextDrafter, target_tok: Tokenizer, heal: str) -> None:
+    """The target's "\\n   " (its next token brings the fourth space) ends the drafter's text in
+    a space token; healing leaves that space to the draft's first token, which must start with
+    it, and the draft text is what comes after it."""
+    tok = drafter.tokenizer
+    script = tok.encode("  return 1.", add_bos=False) + [tok.eos_id or 0]
+    healing = TextDrafter(ScriptedBackend(drafter.backend, script), tok, target_tok, heal=heal)
+    committed = chat(target_tok, "Go on", "def f():\n   ")
+    context = tok.encode(complete_utf8(ChatRenderer(target_tok).render(committed)))
+    assert healing.healed_text(context[-1]) == (" " if heal == "space" else "")
+    session = healing.open(GREEDY)
+    try:
+        draft = session.propose(committed, 8)
+        assert session.stats.healed == (heal == "space")
+    finally:
+        session.close()
+    im_end = target_tok.spec.tokens.index("<|im_end|>")
+    assert draft.tokens[-1] == im_end
+    expected = " return 1." if heal == "space" else "  return 1."
+    assert target_tok.decode(draft.tokens[:-1]) == expected
+
+
+def test_best_token_with_prefix(drafter: TextDrafter) -> None:
+    logits = torch.randn(
+        drafter.backend.config.vocab_size, generator=torch.Generator().manual_seed(0)
+    )
+    table = drafter.drafter_table
+    kinds = drafter.tokenizer.spec.token_types
+    for prefix in (" ", "  ", " t", "\n"):
+        allowed = [i for i, raw in enumerate(table) if raw.startswith(prefix.encode())]
+        allowed = [i for i in allowed if kinds[i] != TYPE_BYTE]
+        assert allowed
+        best = drafter.best_with_prefix(logits, prefix)
+        assert best in allowed
+        assert float(logits[best]) == max(float(logits[i]) for i in allowed)
 
 
 def test_second_propose_feeds_only_new_tokens(drafter: TextDrafter, target_tok: Tokenizer) -> None:

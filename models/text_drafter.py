@@ -10,7 +10,10 @@ ids directly, so a session works in three steps:
 2. Draft: the rendered text, tokenised with the drafter's tokenizer, runs through the drafter
    model (any Backend: torch, or onnxruntime for devices without torch) in a KV slot that keeps
    the longest common prefix of drafter ids already fed; greedy drafter tokens follow until they
-   cover k target tokens, the drafter ends its text, or it starts a new turn.
+   cover k target tokens, the drafter ends its text, or it starts a new turn. When the text
+   ends in a run of spaces (Qwen writes indentation as "\\n   " + " return"), that drafter
+   token is left out of the context and the first drafted token must start with it (token
+   healing): Gemma, seeing a three-space token, would otherwise write a newline, not code.
 3. Re-tokenise: the tail of the target's own text (its last few committed tokens) and the draft
    text are tokenised jointly with the target's tokenizer. The tokens that cover exactly the
    context must equal the committed ones (the target is in the state its tokenizer would
@@ -37,6 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -373,8 +377,10 @@ class TextDrafter:
         target: Tokenizer,
         kind: str = "text",
         prefill_chunk: int = 256,
-        heal: str = "space",
+        heal: Literal["space", "always", "off"] = "space",
     ) -> None:
+        if heal not in ("space", "always", "off"):
+            raise ValueError(f"heal must be 'space', 'always' or 'off', got {heal!r}")
         if backend.layers != (0, backend.config.n_layers):
             raise ValueError("a drafter backend must hold all layers of its model")
         self.backend = backend
@@ -418,8 +424,8 @@ class TextDrafter:
 
     @staticmethod
     def max_steps(k: int) -> int:
-        """Drafter tokens allowed for k target tokens (one more is needed, as the last target
-        token is dropped; a drafter token may also cover less text than a target token)."""
+        """Drafter tokens allowed for k target tokens (one more may be needed, as an open last
+        target token is dropped; a drafter token may also cover less text than a target one)."""
         return 2 * k + 2
 
     def covers(self, text: str, k: int) -> bool:

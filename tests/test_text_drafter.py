@@ -152,6 +152,17 @@ def test_token_straddling_the_boundary_is_dropped(
     assert target_tok.decode(committed + list(result.tokens)).endswith("The quick brown fox.")
 
 
+def test_indentation_straddle_keeps_the_committed_spaces(
+    drafter: TextDrafter, target_tok: Tokenizer
+) -> None:
+    """Committed "\\n   " then "return": jointly the spaces split 2 + " return", a boundary the
+    target no longer has; the draft starts at its own boundary with "return"."""
+    committed = chat(target_tok, "Go on", "def f():\n   ")
+    result = drafter.to_target(committed, "return 1.")
+    assert result.boundary == "straddled"
+    assert result.tokens == tuple(target_tok.encode("return 1.", add_bos=False))
+
+
 def test_context_that_does_not_retokenise_drafts_nothing(
     drafter: TextDrafter, target_tok: Tokenizer
 ) -> None:

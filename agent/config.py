@@ -63,6 +63,11 @@ class NodeConfig:
     max_queue: int = 16  # sessions waiting for a slot before requests get 429
     max_len: int = 2048  # tokens per session (prompt and reply)
     replicas: int = 2  # nodes that hold each model when enough can (failover without a reload)
+    drafter: str = "ngram"  # what this node drafts with (see models.drafter_loading)
+    speculative: bool = True  # a verifier here uses drafts (its own or drafter nodes')
+    draft_k: int = 0  # draft tokens per verify step; 0: adaptive
+    drafter_backend: str = "torch"
+    drafter_weights: str = "bf16"
     probe: bool = True  # measure decode/verify speed of offered models
     heartbeat: float = 0.5
     dead_after: float = 2.0
@@ -201,6 +206,11 @@ FIELDS: Final[tuple[FieldDef, ...]] = (
     FieldDef("max_queue", _integer, "sessions waiting for a batch place before 429"),
     FieldDef("max_len", _integer, "tokens per session, prompt and reply together"),
     FieldDef("replicas", _integer, "nodes holding each model when enough can"),
+    FieldDef("drafter", _text, "drafter: none, ngram, model:NAME, text:NAME, trained[:PATH]"),
+    FieldDef("speculative", _boolean, "verify drafts when this node holds a model"),
+    FieldDef("draft_k", _integer, "draft tokens per verify step (0: adaptive)"),
+    FieldDef("drafter_backend", _text, "execution backend of a model drafter: torch, onnx"),
+    FieldDef("drafter_weights", _text, f"weight format of a model drafter: {', '.join(WEIGHTS)}"),
     FieldDef("probe", _boolean, "measure the speed of offered models at start"),
     FieldDef("heartbeat", _number, "seconds between heartbeats"),
     FieldDef("dead_after", _number, "seconds of silence after which a peer is down"),
@@ -232,6 +242,8 @@ def check(config: NodeConfig) -> None:
         ("role", ROLES),
         ("backend", BACKENDS),
         ("weights", WEIGHTS),
+        ("drafter_backend", ("torch", "onnx")),
+        ("drafter_weights", WEIGHTS),
         ("log_level", LOG_LEVELS),
     ):
         if getattr(config, key) not in choices:
@@ -244,9 +256,16 @@ def check(config: NodeConfig) -> None:
         ("replicas", 1),
         ("api_max_body", 1),
         ("api_max_sessions", 1),
+        ("draft_k", 0),
     ):
         if getattr(config, key) < low:
             raise bad(key, f"must be >= {low}, got {getattr(config, key)}")
+    from models.drafter_loading import DrafterSpecError, parse_drafter_spec
+
+    try:
+        parse_drafter_spec(config.drafter)
+    except DrafterSpecError as exc:
+        raise bad("drafter", str(exc)) from None
     if config.memory_budget is not None and config.memory_budget < 0:
         raise bad("memory_budget", "must not be negative")
     if not 0 < config.heartbeat < config.dead_after:

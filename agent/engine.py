@@ -231,6 +231,20 @@ class Engine:
         """Sessions holding a KV slot."""
         return len(self._active)
 
+    def sessions_json(self) -> list[dict[str, object]]:
+        """The sessions verified here now, with their drafting figures (for /status)."""
+        return [
+            {
+                "id": w.session_id,
+                "tokens": len(w.tokens),
+                "generated": w.generated,
+                "drafter_node": w.channel.node if w.channel is not None else "",
+                "draft_k_now": w.policy.last_k if w.policy is not None else 0,
+                **w.stats().to_json(),
+            }
+            for w in self._active
+        ]
+
     # -- sessions ----------------------------------------------------------------------------
 
     def open(

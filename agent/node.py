@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.config import NodeConfig, describe
+from agent.drafting import DrafterService, LocalDraftRouter, RemoteDraftChannel
 from agent.engine import Engine
 from agent.metrics import NodeMetrics
 from agent.peers import PeerTable, node_view
@@ -38,6 +39,7 @@ from agent.probe import (
     MISSING,
     PROBING,
     Capabilities,
+    DraftOffer,
     locate,
     measure_speed,
     probe_node,
@@ -53,7 +55,15 @@ from agent.service import (
     UnknownModelError,
 )
 from agent.session import HomeSource, HomeStream, serve_generate
-from agent.wire import GenerateOpen, NodeState, connection_config
+from agent.wire import (
+    NOT_DRAFTING,
+    DraftClose,
+    DraftRequest,
+    GenerateOpen,
+    NodeState,
+    connection_config,
+)
+from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 from transport.auth import ClusterKey, check_listen_allowed
 from transport.connection import Connection, Context, Identity, Refused
@@ -102,6 +112,9 @@ class Node:
         self.api_port = 0
         self.started = time.monotonic()
         self.holder_wait_s = HOLDER_WAIT_S
+        self.drafting: DrafterService | None = None  # serves drafts for peers' verifiers
+        self._local_drafts: dict[str, LocalDraftRouter] = {}  # drafting for our own engines
+        self._draft_channels: dict[str, int] = {}  # remote channels open per drafter node
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -159,6 +172,7 @@ class Node:
         self._replan()
         self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
         self._spawn(self._measure())
+        self._spawn(self._load_drafters())
 
     async def _start_api(self) -> None:
         from agent.api import create_app
@@ -212,6 +226,10 @@ class Node:
         await asyncio.gather(*self._tasks, *self._loading.values(), return_exceptions=True)
         for engine in list(self._engines.values()):
             await engine.close(grace=0.0)
+        if self.drafting is not None:
+            await self.drafting.close()
+        for router in self._local_drafts.values():
+            router.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.discovery is not None:
@@ -322,11 +340,25 @@ class Node:
                     "completion_tokens": s.generated,
                     "served_by": list(s.served_by),
                     "failovers": s.failovers,
+                    "speculative": s.speculation().to_json(),
                     "age_s": round(now - s.started, 3),
                 }
                 for s in sorted(self._sessions, key=lambda s: s.started)
             ],
             "failovers": self.failovers + sum(s.failovers for s in self._sessions),
+            "verifying": [
+                {"model": model, **item}
+                for model, engine in sorted(self._engines.items())
+                for item in engine.sessions_json()
+            ],
+            "drafting": None
+            if self.drafting is None
+            else {
+                "models": self.drafting.kinds,
+                "sessions": self.drafting.active,
+                "requests": self.drafting.requests,
+                "drafted_ahead_hits": self.drafting.ahead_hits,
+            },
             "uptime_s": round(now - self.started, 1),
             "config": describe(self.config),
         }
@@ -440,6 +472,10 @@ class Node:
             model=model,
             metrics=self.metrics,
             max_queue=cfg.max_queue,
+            drafts=NodeDraftRouter(self, model, backend.config.vocab_size)
+            if cfg.speculative
+            else None,
+            draft_k=cfg.draft_k or None,
         )
         log.info("loaded %s in %.1f s", model, time.perf_counter() - start)
         self._pulse()
@@ -498,6 +534,51 @@ class Node:
             )
             self._replan()
 
+    async def _load_drafters(self) -> None:
+        """Load this node's drafter for every offered model on disk, then advertise it."""
+        cfg = self.config
+        if cfg.drafter == "none":
+            return
+        from models.drafter_loading import load_drafter
+
+        drafters = {}
+        for model, path in sorted(self._paths.items()):
+            start = time.perf_counter()
+            try:
+                drafter = await asyncio.to_thread(
+                    load_drafter, cfg.drafter, path, model, backend=cfg.drafter_backend,
+                    weights=cfg.drafter_weights, max_slots=64, max_len=cfg.max_len,
+                    threads=cfg.threads,
+                )  # fmt: skip
+            except Exception as exc:  # a missing drafter model is a warning, not a dead node
+                log.warning("no %s drafter for %s: %s", cfg.drafter, model, exc)
+                continue
+            if drafter is not None:
+                drafters[model] = drafter
+                log.info(
+                    "drafting for %s with %s (loaded in %.1f s)",
+                    model,
+                    cfg.drafter,
+                    time.perf_counter() - start,
+                )
+        if not drafters:
+            return
+        self.drafting = DrafterService(drafters, max_sessions=64)
+        offers = tuple(DraftOffer(m, d.kind) for m, d in sorted(drafters.items()))
+        self.caps = replace(self.caps, drafts=offers)
+        self._replan()
+
+    def local_drafts(self, model: str) -> LocalDraftRouter | None:
+        """Drafting for our own engine's sessions with this node's drafter (prompt lookup, or
+        a model drafter sharing the verifier's cores: the centralized set-up)."""
+        router = self._local_drafts.get(model)
+        if router is None and self.drafting is not None:
+            drafter = self.drafting.drafters.get(model)
+            if drafter is not None:
+                router = LocalDraftRouter(drafter, node=self.node_id)
+                self._local_drafts[model] = router
+        return router
+
     def _mark_offer(self, model: str, status: str) -> None:
         models = tuple(
             replace(m, status=status) if m.name == model else m for m in self.caps.models
@@ -517,6 +598,8 @@ class Node:
         elif isinstance(event, PeerDown):
             log.info("peer %s down: %s", event.node_id, event.reason)
             self.peers.down(event.node_id, event.reason, now)
+            if self.drafting is not None:
+                self._spawn(self.drafting.peer_down(event.node_id))
         self._replan()
 
     async def _handle(self, msg: Message, ctx: Context) -> Message | None:
@@ -528,6 +611,10 @@ class Node:
             if self.peers.set_state(peer.node_id, msg):
                 self._replan()
             return None
+        if isinstance(msg, (DraftRequest, DraftClose)):
+            if self.drafting is None:
+                raise Refused(NOT_DRAFTING, "this node does not draft")
+            return await self.drafting.handle(msg, ctx)
         if isinstance(msg, GenerateOpen):
             self._served += 1
             try:
@@ -589,6 +676,67 @@ class Node:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class NodeDraftRouter:
+    """Chooses each verified session's drafter: a planned drafter node (the one this node has
+    the fewest sessions on), else this node's own drafter, else none."""
+
+    def __init__(self, node: Node, model: str, vocab_size: int) -> None:
+        self._node = node
+        self._model = model
+        self._vocab = vocab_size
+
+    async def channel(
+        self, session_id: str, params: SamplingParams, exclude: Collection[str]
+    ) -> Any:
+        node = self._node
+        counts = node._draft_channels
+        candidates = [
+            n
+            for n in node._plan.drafters_for(self._model)
+            if n != node.node_id and n not in exclude
+        ]
+        for drafter_node in sorted(candidates, key=lambda n: (counts.get(n, 0), n)):
+            conn = node.connection(drafter_node)
+            if conn is None or not conn.is_open:
+                continue
+            counts[drafter_node] = counts.get(drafter_node, 0) + 1
+            return _CountedChannel(
+                RemoteDraftChannel(
+                    conn, drafter_node, session_id, self._model, params, self._vocab
+                ),
+                counts,
+            )
+        local = node.local_drafts(self._model)
+        if local is None:
+            return None
+        return await local.channel(session_id, params, exclude)
+
+
+class _CountedChannel:
+    """A remote channel that keeps its node's count of open channels."""
+
+    remote = True
+
+    def __init__(self, inner: RemoteDraftChannel, counts: dict[str, int]) -> None:
+        self._inner = inner
+        self._counts = counts
+        self.node = inner.node
+        self._open = True
+
+    @property
+    def kind(self) -> str:
+        return self._inner.kind
+
+    async def propose(self, committed: Any, k: int) -> Any:
+        return await self._inner.propose(committed, k)
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._counts[self.node] = max(0, self._counts.get(self.node, 1) - 1)
+        await self._inner.close()
 
 
 async def _notify(conn: Connection, msg: Message) -> None:

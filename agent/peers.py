@@ -49,6 +49,7 @@ def node_view(node_id: str, state: NodeState) -> NodeView:
         load_level=state.load_level,
         draining=state.draining,
         replicas=state.replicas,
+        drafts=caps.drafts,
     )
 
 

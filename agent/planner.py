@@ -32,7 +32,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
-from agent.probe import READY, ModelOffer
+from agent.probe import READY, DraftOffer, ModelOffer
 
 IDLE, BUSY = 0, 1
 BUSY_ABOVE = 0.9  # utilisation (sessions wanting a slot / slots) that makes a node busy...
@@ -51,6 +51,7 @@ class NodeView:
     load_level: int = IDLE
     draining: bool = False
     replicas: int = 2
+    drafts: tuple[DraftOffer, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class Plan:
     members: tuple[str, ...]  # alive node ids, sorted
     assignments: tuple[Assignment, ...]  # sorted by model name
     unplaced: tuple[str, ...] = ()  # offered models that no alive node can hold now
-    # Drafting across peers (a later issue) adds its assignments here; empty until then.
+    # Nodes that draft for each placed model with a model drafter (prompt lookup runs on the
+    # verifier itself and is not planned).
     drafters: tuple[Assignment, ...] = field(default=())
 
     def servers(self, model: str) -> tuple[str, ...]:
@@ -84,11 +86,20 @@ class Plan:
     def models_of(self, node_id: str) -> tuple[str, ...]:
         return tuple(a.model for a in self.assignments if node_id in a.nodes)
 
+    def drafters_for(self, model: str) -> tuple[str, ...]:
+        return next((a.nodes for a in self.drafters if a.model == model), ())
+
     def roles(self, node_id: str) -> tuple[str, ...]:
-        """`verifier` where the node holds a model, else `client` (it homes sessions only)."""
+        """`verifier` where the node holds a model, `drafter` where it drafts for one, else
+        `client` (it homes sessions only)."""
         if node_id not in self.members:
             return ()
-        return ("verifier",) if self.models_of(node_id) else ("client",)
+        roles = []
+        if self.models_of(node_id):
+            roles.append("verifier")
+        if any(node_id in a.nodes for a in self.drafters):
+            roles.append("drafter")
+        return tuple(roles) or ("client",)
 
     def digest(self) -> str:
         """A hash of the plan's content (canonical JSON): equal plans, equal digests."""
@@ -145,7 +156,24 @@ def plan(view: ClusterView) -> Plan:
         members=members,
         assignments=tuple(sorted(assignments, key=lambda a: a.model)),
         unplaced=tuple(sorted(offered - placed)),
+        drafters=plan_drafters(nodes, placed),
     )
+
+
+def plan_drafters(nodes: Iterable[NodeView], placed: Iterable[str]) -> tuple[Assignment, ...]:
+    """For each placed model, the alive, non-draining nodes offering a model drafter for it,
+    dedicated drafters (role `drafter`) first, then by node id."""
+    out = []
+    for model in sorted(set(placed)):
+        offering = [
+            n
+            for n in nodes
+            if not n.draining and any(d.target == model and d.kind != "ngram" for d in n.drafts)
+        ]
+        ranked = sorted(offering, key=lambda n: (0 if n.role == "drafter" else 1, n.node_id))
+        if ranked:
+            out.append(Assignment(model, tuple(n.node_id for n in ranked)))
+    return tuple(out)
 
 
 def next_epoch(

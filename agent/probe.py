@@ -48,6 +48,14 @@ class ModelOffer:
 
 
 @dataclass(frozen=True)
+class DraftOffer:
+    """This node drafts for `target` with a drafter of `kind` (ngram, model, text, trained)."""
+
+    target: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """A node's capability summary, exchanged at connect and whenever it changes."""
 
@@ -59,6 +67,7 @@ class Capabilities:
     backend: str
     weights: str
     models: tuple[ModelOffer, ...] = ()
+    drafts: tuple[DraftOffer, ...] = ()
 
     def offer(self, name: str) -> ModelOffer | None:
         return next((m for m in self.models if m.name == name), None)

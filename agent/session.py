@@ -27,7 +27,15 @@ import numpy as np
 
 from agent.engine import Engine, EngineFinish, EngineStream
 from agent.service import BadRequestError, OverloadedError, UnavailableError
-from agent.wire import BAD_SESSION, DRAINING, NOT_HOLDING, OVERLOADED, Generated, GenerateOpen
+from agent.wire import (
+    BAD_SESSION,
+    DRAINING,
+    NOT_HOLDING,
+    OVERLOADED,
+    Generated,
+    GenerateOpen,
+    SpeculationStats,
+)
 from models.sampling import InvalidSamplingParamsError, SamplingParams
 from transport.connection import Connection, Context, Refused, Stream
 from transport.errors import RemoteError, TransportError
@@ -75,6 +83,8 @@ class _Leg(Protocol):
     @property
     def finish(self) -> EngineFinish | None: ...
 
+    def stats(self) -> SpeculationStats: ...
+
     async def close(self) -> None: ...
 
 
@@ -95,6 +105,9 @@ class _LocalLeg:
         except UnavailableError as exc:  # this node's engine is shutting down
             raise LegFailed(str(exc)) from exc
 
+    def stats(self) -> SpeculationStats:
+        return self._stream.stats()
+
     async def close(self) -> None:
         await self._stream.aclose()
 
@@ -108,6 +121,10 @@ class _RemoteLeg:
         self._finish: EngineFinish | None = None
         self._ended = False
         self.received = 0
+        self._stats = SpeculationStats()
+
+    def stats(self) -> SpeculationStats:
+        return self._stats
 
     @property
     def finish(self) -> EngineFinish | None:
@@ -131,6 +148,8 @@ class _RemoteLeg:
                 raise LegFailed(f"{self.node} sent position {got}, expected {self._position}")
             self._pending.extend(item.tokens)
             self._position += len(item.tokens)
+            if item.stats is not None:
+                self._stats = item.stats
             if item.finish:
                 self._finish = "stop" if item.finish == "stop" else "length"
                 self._ended = True
@@ -165,6 +184,7 @@ class HomeStream:
     _leg: _Leg | None = None
     _excluded: set[str] = field(default_factory=set)
     _done: bool = False
+    _past_stats: SpeculationStats = field(default_factory=SpeculationStats)
 
     def __post_init__(self) -> None:
         self.prompt_tokens = len(self.committed)
@@ -183,6 +203,7 @@ class HomeStream:
                 token = await leg.next()
             except LegFailed as exc:
                 self._leg = None
+                self._retire_leg(leg)
                 await leg.close()
                 await self._refused(leg.node, exc)
                 continue
@@ -203,8 +224,21 @@ class HomeStream:
     async def aclose(self) -> None:
         await self._end()
 
+    def speculation(self) -> SpeculationStats:
+        """Drafting figures over every node that served this session so far."""
+        if self._leg is None:
+            return self._past_stats
+        return add_stats(self._past_stats, self._leg.stats())
+
     def usage_extra(self) -> dict[str, Any]:
-        return {"served_by": list(self.served_by), "failovers": self.failovers}
+        return {
+            "served_by": list(self.served_by),
+            "failovers": self.failovers,
+            "speculative": self.speculation().to_json(),
+        }
+
+    def _retire_leg(self, leg: _Leg) -> None:
+        self._past_stats = add_stats(self._past_stats, leg.stats())
 
     async def _end(self) -> None:
         if self._done:
@@ -212,6 +246,7 @@ class HomeStream:
         self._done = True
         leg, self._leg = self._leg, None
         if leg is not None:
+            self._retire_leg(leg)
             await leg.close()
         self.on_close(self)
 
@@ -263,7 +298,8 @@ class HomeStream:
             if engine is None:
                 raise LegFailed(f"{node} does not hold {self.model} any more")
             try:
-                return _LocalLeg(node, engine.open(self.committed, self.params, remaining))
+                local = engine.open(self.committed, self.params, remaining, self.session_id)
+                return _LocalLeg(node, local)
             except OverloadedError as exc:
                 raise LegFailed(str(exc), busy=True) from exc
             except UnavailableError as exc:
@@ -344,7 +380,7 @@ async def serve_generate(
         params = SamplingParams(
             temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, seed=msg.seed
         )
-        stream = engine.open(committed.tolist(), params, msg.max_new)
+        stream = engine.open(committed.tolist(), params, msg.max_new, msg.session_id)
     except InvalidSamplingParamsError as exc:
         raise Refused(BAD_SESSION, str(exc)) from exc
     except OverloadedError as exc:
@@ -356,8 +392,21 @@ async def serve_generate(
     position = len(committed)
     try:
         async for token in stream:
-            await ctx.push(Generated(position, (token,)))
+            await ctx.push(Generated(position, (token,), stats=stream.stats()))
             position += 1
     finally:
         await stream.aclose()
-    return Generated(position, (), stream.finish_reason or "length")
+    return Generated(position, (), stream.finish_reason or "length", stats=stream.stats())
+
+
+def add_stats(a: SpeculationStats, b: SpeculationStats) -> SpeculationStats:
+    """Figures of two stretches of one session (before and after a failover)."""
+    steps = a.verify_steps + b.verify_steps
+    asked = a.draft_k * a.verify_steps + b.draft_k * b.verify_steps
+    return SpeculationStats(
+        kind=b.kind or a.kind,
+        drafted=a.drafted + b.drafted,
+        accepted=a.accepted + b.accepted,
+        verify_steps=steps,
+        draft_k=asked / steps if steps else 0.0,
+    )

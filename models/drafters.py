@@ -21,10 +21,11 @@ from typing import Protocol
 import torch
 
 from models.backend import Backend
-from models.sampling import SamplingParams, position_generator, probabilities
+from models.sampling import SamplingParams, position_generator, probabilities, sample
 from models.speculative import DRAFT_SEED_SALT, Draft, common_prefix
 
 SPARSE_Q = 8  # top-m probabilities sent with a sampled draft token
+PROPOSALS = ("coupled", "sampled")  # how a model drafter drafts when the session samples
 
 
 class DraftSession(Protocol):
@@ -99,21 +100,31 @@ class NgramDrafter:
 # -- a small model with the target's tokenizer -----------------------------------------------
 
 
-def draw_sparse(
-    logits: torch.Tensor, params: SamplingParams, seed: int, position: int, m: int = SPARSE_Q
+def draw_draft(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    position: int,
+    proposal: str = "coupled",
+    m: int = SPARSE_Q,
 ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
     """A draft token from one row of drafter logits, with the sparse q it was drawn from.
 
-    Greedy: the argmax, q None (one-hot). Sampling: the drafter's distribution under the same
-    params, cut to its top m and renormalised; the token is drawn from exactly that, so the
-    verifier's min(1, p/q) uses the true proposal probability."""
+    Greedy: the argmax, q None (one-hot). Sampling, `coupled`: the drafter's distribution under
+    the same params, drawn with the position's uniform that the verifier will use for the
+    target (`position_generator(seed, position)`), q None. The draft is then a deterministic
+    proposal and stands exactly when the target's own draw agrees, which is likely when the
+    two distributions are close (inverse-CDF coupling), and the text stays target-only
+    sampling's. Sampling, `sampled`: drawn independently from the drafter's top-m
+    distribution, renormalised, which is sent as q for min(1, p/q) acceptance."""
     if params.greedy:
         return int(logits.argmax()), None, None
     probs = probabilities(logits, params)
+    if proposal == "coupled":
+        return int(sample(probs, position_generator(params.seed, position))), None, None
     top = probs.topk(min(m, probs.shape[-1]))
     q = top.values / top.values.sum()
-    generator = position_generator(seed ^ DRAFT_SEED_SALT, position)
-    pick = int(torch.multinomial(q, 1, generator=generator))
+    generator = position_generator(params.seed ^ DRAFT_SEED_SALT, position)
+    pick = int(sample(q, generator))
     return int(top.indices[pick]), top.indices.to(torch.int64), q.float()
 
 
@@ -152,11 +163,11 @@ class ModelSession:
         tokens: list[int] = []
         ids_rows: list[torch.Tensor] = []
         prob_rows: list[torch.Tensor] = []
-        sparse = not self._params.greedy
+        sparse = not self._params.greedy and self._drafter.proposal == "sampled"
         position = len(committed)
         while True:
-            token, q_ids, q_probs = draw_sparse(
-                logits, self._params, self._params.seed, position + len(tokens)
+            token, q_ids, q_probs = draw_draft(
+                logits, self._params, position + len(tokens), self._drafter.proposal
             )
             tokens.append(token)
             if sparse and q_ids is not None and q_probs is not None:
@@ -186,9 +197,18 @@ class ModelSession:
 class ModelDrafter:
     """Drafts with a small model that shares the target's token ids, on any Backend."""
 
-    def __init__(self, backend: Backend, kind: str = "model", prefill_chunk: int = 256) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        kind: str = "model",
+        prefill_chunk: int = 256,
+        proposal: str = "coupled",
+    ) -> None:
         if backend.layers != (0, backend.config.n_layers):
             raise ValueError("a drafter backend must hold all layers of its model")
+        if proposal not in PROPOSALS:
+            raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+        self.proposal = proposal
         self.backend = backend
         self.kind = kind
         self.prefill_chunk = prefill_chunk

@@ -78,9 +78,19 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw one token id per row of probs [..., vocab]; returns int64 [...]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    ids = torch.multinomial(flat, 1, generator=generator)
+    """Draw one token id per row of probs [..., vocab] by inverse CDF: one uniform per row from
+    `generator`, the first id whose cumulative probability passes it. Returns int64 [...].
+
+    Spelled out (not torch.multinomial) because speculative verification relies on it: with
+    the position's uniform, the verifier computes the very token target-only sampling would
+    draw, so a deterministic draft stands exactly when it equals that token."""
+    flat = probs.reshape(-1, probs.shape[-1]).double()
+    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64)
+    cdf = flat.cumsum(dim=-1)
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    # Never land past the last token with mass (rounding at the top of the CDF).
+    last = (flat > 0).to(torch.int64).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    ids = torch.minimum(ids, last)
     return ids.reshape(probs.shape[:-1])
 
 

@@ -10,9 +10,16 @@ over [last committed token, d_1..d_k]) and returns how many draft tokens stand a
 token (Leviathan et al. 2023):
 - greedy (temperature 0): accept while d_i is the target's argmax, then the argmax; the text is
   exactly target-only greedy;
-- sampling: accept d_i with probability min(1, p(d_i)/q(d_i)); on the first rejection draw from
-  the residual max(0, p - q) renormalised; when all k stand, draw a bonus token from p_{k+1}.
-  The accepted tokens then follow p exactly, whatever q is.
+- sampling, sparse proposal q: accept d_i with probability min(1, p(d_i)/q(d_i)); on the first
+  rejection draw from the residual max(0, p - q) renormalised; when all k stand, draw a bonus
+  token from p_{k+1}. The accepted tokens then follow p exactly, whatever q is;
+- sampling, deterministic proposal (q one-hot on d_i): the same rule is min(1, p(d_i)) = p(d_i)
+  and the residual is p without d_i. It is carried out with the position's own uniform: x_i is
+  the token target-only sampling draws at that position (inverse CDF, `models.sampling.sample`);
+  d_i stands iff d_i == x_i (probability p(d_i)), else x_i is the answer (distributed as the
+  residual). So with deterministic drafts the text is token for token target-only sampling's,
+  whichever drafter drafted and however long its drafts were: failover and drafter changes
+  cannot change a seeded reply.
 Randomness is keyed by absolute position (`position_generator`), so a verifier that replays a
 session draws the same numbers, and a step with no draft tokens draws exactly what
 target-only sampling draws.
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.sampling import SamplingParams, position_generator, probabilities
+from models.sampling import SamplingParams, position_generator, probabilities, sample
 
 DRAFT_SEED_SALT = 0x5D1ED  # drafters' randomness must be independent of the verifier's
 
@@ -153,6 +160,14 @@ def verify_draft(
         return Verdict(n, int(best[n]))
     p = probabilities(logits, params)
     vocab = p.shape[-1]
+    if draft.q_ids is None and accept is lossless_acceptance and residual:
+        # Deterministic proposal: the coupled form of the same rule (see the module text).
+        for i, token in enumerate(draft.tokens):
+            x = int(sample(p[i], position_generator(params.seed, draft.position + i)))
+            if x != token:
+                return Verdict(i, x)
+        x = int(sample(p[k], position_generator(params.seed, draft.position + k)))
+        return Verdict(k, x)
     for i, token in enumerate(draft.tokens):
         generator = position_generator(params.seed, draft.position + i)
         u = float(torch.rand(1, generator=generator))
@@ -163,10 +178,9 @@ def verify_draft(
             rest = (row - _q_dense(draft, i, vocab)).clamp(min=0)
             total = float(rest.sum())
             row = rest / total if total > 0 else row
-        return Verdict(i, int(torch.multinomial(row, 1, generator=generator)))
+        return Verdict(i, int(sample(row, generator)))
     # All k stand: the bonus token, drawn exactly as target-only sampling draws position+k.
-    generator = position_generator(params.seed, draft.position + k)
-    return Verdict(k, int(torch.multinomial(p[k], 1, generator=generator)))
+    return Verdict(k, int(sample(p[k], position_generator(params.seed, draft.position + k))))
 
 
 # -- adaptive draft length -------------------------------------------------------------------

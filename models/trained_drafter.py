@@ -27,7 +27,7 @@ import torch
 
 from models.config import ModelConfig
 from models.decoder import rms_norm
-from models.drafters import draw_sparse
+from models.drafters import draw_draft
 from models.sampling import SamplingParams
 from models.speculative import Draft, common_prefix
 from models.torch_backend import TorchBackend
@@ -349,8 +349,8 @@ class TrainedSession:
         prob_rows: list[torch.Tensor] = []
         position = len(committed)
         while True:
-            index, q_idx, q_probs = draw_sparse(
-                logits, self._params, self._params.seed, position + len(tokens)
+            index, q_idx, q_probs = draw_draft(
+                logits, self._params, position + len(tokens), "sampled"
             )
             token = int(vocab_ids[index])
             tokens.append(token)

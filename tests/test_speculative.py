@@ -49,6 +49,7 @@ def drafters(tiny_paths: dict[str, Path]) -> dict[str, object]:
     return {
         "ngram": NgramDrafter(),
         "model": ModelDrafter(_backend(tiny_paths["llama"])),
+        "model_sampled": ModelDrafter(_backend(tiny_paths["llama"]), proposal="sampled"),
         "self": ModelDrafter(_backend(tiny_paths["qwen2"]), kind="self"),
     }
 
@@ -225,7 +226,23 @@ def _speculative_samples(
     return _samples(run, N_SAMPLES)
 
 
-@pytest.mark.parametrize("kind", ["model", "ngram"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "self"])
+def test_deterministic_drafts_sample_exactly_what_target_only_samples(
+    target: Backend, drafters: dict[str, object], kind: str
+) -> None:
+    """A deterministic proposal is verified with the position's own uniform (the coupled form
+    of min(1, p/q) with one-hot q): the text is target-only sampling's, token for token."""
+    for seed in range(3):
+        params = SamplingParams(temperature=1.0, top_p=0.9, seed=seed)
+        expected = generate(target, PROMPT, params, 32).tokens
+        for k in (2, 5):
+            got = generate_speculative(target, drafters[kind], PROMPT, params, 32, draft_k=k)  # type: ignore[arg-type]
+            assert got.tokens == expected
+            if kind == "self":
+                assert got.speculative.accepted > 0
+
+
+@pytest.mark.parametrize("kind", ["model_sampled", "model", "ngram"])
 def test_sampled_tokens_follow_the_target_distribution(
     target: Backend,
     drafters: dict[str, object],
@@ -246,5 +263,5 @@ def test_a_broken_acceptance_rule_is_caught(
     def accept_everything(logits: torch.Tensor, draft: Draft, params: SamplingParams) -> Verdict:
         return verify_draft(logits, draft, params, accept=lambda p, q: 1.0)
 
-    spec = _speculative_samples(target, drafters["model"], accept_everything)
+    spec = _speculative_samples(target, drafters["model_sampled"], accept_everything)
     assert _chi_square_p(spec, target_only_samples) < 1e-6

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     mfetch.add_argument("--force", action="store_true", help="re-assemble even if cached")
     mfetch.add_argument("--json", action="store_true", help="print the result as JSON")
     mfetch.set_defaults(func=_models_fetch)
+    from models.drafter_cli import add_train_drafter_parser
+
+    add_train_drafter_parser(msub)
 
     demo = sub.add_parser(
         "demo", help="start a local cluster, answer a chat prompt through it, stop it"
@@ -201,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight format: auto, fp32, bf16, int8, int4 (what the backend supports)",
     )
     gen.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    gen.add_argument(
+        "--draft",
+        default="none",
+        help="speculative decoding in this process with a drafter: none, ngram, model:NAME, "
+        "text:NAME, trained[:PATH] (the single-process baseline of drafting across peers)",
+    )
+    gen.add_argument("--draft-k", type=int, default=0, help="draft tokens per step (0: adaptive)")
+    gen.add_argument("--drafter-backend", choices=["torch", "onnx"], default="torch")
+    gen.add_argument("--drafter-weights", default="bf16", help="weight format of a model drafter")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.set_defaults(func=_generate)
 

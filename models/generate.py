@@ -188,7 +188,37 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    result = generate(backend, prompt_ids, params, args.max_tokens, tokenizer.stop_ids, emit)
+    speculative: dict[str, object] = {}
+    draft = getattr(args, "draft", "none")
+    if draft != "none":
+        from models.drafter_loading import load_drafter
+        from models.speculative_generate import generate_speculative
+
+        drafter = load_drafter(
+            draft, path, args.model, backend=args.drafter_backend, weights=args.drafter_weights,
+            max_slots=1, max_len=len(prompt_ids) + args.max_tokens + 64, threads=args.threads,
+        )  # fmt: skip
+        load_s = time.perf_counter() - start
+        assert drafter is not None
+        spec_result = generate_speculative(
+            backend, drafter, prompt_ids, params, args.max_tokens, tokenizer.stop_ids,
+            draft_k=args.draft_k or None, on_token=emit,
+        )  # fmt: skip
+        result = GenerationResult(spec_result.tokens, spec_result.stats)
+        sp = spec_result.speculative
+        speculative = {
+            "drafter": sp.kind,
+            "draft_k": args.draft_k or "adaptive",
+            "mean_draft_k": round(sp.mean_k, 2),
+            "drafted_tokens": sp.drafted,
+            "accepted_tokens": sp.accepted,
+            "acceptance_rate": round(sp.acceptance, 4),
+            "tokens_per_verify_step": round(sp.tokens_per_step, 3),
+            "draft_s": round(sp.draft_s, 3),
+            "verify_s": round(sp.verify_s, 3),
+        }
+    else:
+        result = generate(backend, prompt_ids, params, args.max_tokens, tokenizer.stop_ids, emit)
     tail = stream.flush()
     pieces.append(tail)
     s = result.stats
@@ -203,7 +233,9 @@ def _run(args: argparse.Namespace) -> int:
             "load_s": round(load_s, 3),
             "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
+            "tokens_per_s": round(s.generated_tokens / s.decode_s, 2) if s.decode_s > 0 else 0.0,
             **asdict(s),
+            **({"speculative": speculative} if speculative else {}),
         }
         print(json.dumps(report))
     else:
@@ -216,4 +248,13 @@ def _run(args: argparse.Namespace) -> int:
             f"{s.decode_s:.2f} s ({s.decode_tokens_per_s:.2f} tok/s) | stop: {s.stop_reason}",
             file=sys.stderr,
         )
+        if speculative:
+            rate = s.generated_tokens / s.decode_s if s.decode_s > 0 else 0.0
+            print(
+                f"[speculative {speculative['drafter']}] {rate:.2f} tok/s after the first token | "
+                f"acceptance {speculative['acceptance_rate']:.0%} | "
+                f"{speculative['tokens_per_verify_step']} tokens per verify step | "
+                f"mean k {speculative['mean_draft_k']}",
+                file=sys.stderr,
+            )
     return 0

@@ -114,3 +114,28 @@ def test_cli_generate_errors(
     assert "unknown weight format 'int2'" in capsys.readouterr().err
     assert main(["generate", "--model", path, "--prompt", "hi", "--max-tokens", "0"]) == 2
     assert "--max-tokens must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("draft", ["ngram", "model:LLAMA"])
+def test_cli_generate_with_a_drafter_gives_the_same_text(
+    tiny_paths: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    draft: str,
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    draft = draft.replace("LLAMA", str(tiny_paths["llama"]))  # shares tiny-qwen2's token ids
+    argv = ["generate", "--model", str(tiny_paths["qwen2"]), "--prompt", "a b a b a b a b"]
+    argv += ["--max-tokens", "30", "--backend", "torch", "--weights", "fp32", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--draft", draft, "--draft-k", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["tokens"] == plain["tokens"]
+    assert spec["speculative"]["drafted_tokens"] > 0
+    assert spec["speculative"]["drafter"] == draft.split(":")[0]
+    assert main([*argv, "--draft", "text:"]) == 2
+    assert "needs a model" in capsys.readouterr().err
+    assert main([*argv, "--draft", "model:" + str(tiny_paths["gemma3"])]) == 2
+    assert "another vocabulary" in capsys.readouterr().err

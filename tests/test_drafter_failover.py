@@ -106,9 +106,10 @@ def test_kill_9_of_the_drafter_mid_reply_changes_no_token(harness: Harness) -> N
     assert _metric(verifier_api, "sled_drafter_failovers_total") > failovers_before
     # The survivor drafts the next session; the dead one leaves the plan.
     wait_for(
-        lambda: statuses(harness)[VERIFIER]["plan"]["drafters"].get(MODEL) == [
-            d for d in DRAFTERS if d != victim
-        ],
+        lambda: (
+            statuses(harness)[VERIFIER]["plan"]["drafters"].get(MODEL)
+            == [d for d in DRAFTERS if d != victim]
+        ),
         timeout=10,
     )
     again, usage = collect(stream_completion(node(harness, HOME).api, {**body, "max_tokens": 60}))

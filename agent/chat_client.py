@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -121,15 +122,18 @@ async def first_model(http: aiohttp.ClientSession, base: str) -> str:
 
 async def stream_reply(
     http: aiohttp.ClientSession, base: str, model: str, conversation: Conversation,
-    options: ChatOptions,
+    options: ChatOptions, usage_out: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """The assistant's reply to the conversation, piece by piece as the node streams it."""
-    body = {
+    """The assistant's reply to the conversation, piece by piece as the node streams it.
+    With `usage_out`, the reply's final usage block (with sled's figures) is stored there."""
+    body: dict[str, Any] = {
         "model": model,
         "messages": conversation.as_json(),
         "stream": True,
         **options.sampling_fields(),
     }
+    if usage_out is not None:
+        body["stream_options"] = {"include_usage": True}
     async with http.post(base + "/chat/completions", json=body) as resp:
         await _raise_for_error(resp)
         finished = False
@@ -140,6 +144,11 @@ async def stream_reply(
             if data == DONE:
                 finished = True
                 break
+            if usage_out is not None:
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    usage = json.loads(data).get("usage")
+                    if isinstance(usage, dict):
+                        usage_out.update(usage)
             text = chunk_text(data)
             if text:
                 yield text

@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", type=int, default=3, help="number of nodes (node-0 holds the model)")
     demo.add_argument("--prompt", default=None, help="the chat prompt (default: a coding task)")
     demo.add_argument("--max-tokens", type=int, default=128)
+    demo.add_argument(
+        "--drafter",
+        default=None,
+        help="node-1's drafter (default: text:gemma3-270m for the Qwen target); none: no drafter",
+    )
     demo.add_argument("--threads", type=int, default=0, help="forward threads (0: all cores)")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the nodes")
     demo.add_argument("--state-dir", default=None, help="where logs and state go (default: temp)")

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from agent.chat_client import ChatOptions, Conversation, api_base, stream_reply
-from agent.harness import Harness, HarnessError, poll_statuses
+from agent.harness import Harness, HarnessError, poll_statuses, wait_for_drafters
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a string is a palindrome."
 SMALL_DEVICE_BUDGET = "64M"  # too small for any real model: these nodes only relay
@@ -53,18 +53,6 @@ async def _ask(url: str, model: str, prompt: str, max_tokens: int, seed: int) ->
     sys.stdout.write("\n")
     total = time.perf_counter() - start
     return {"text": "".join(pieces), "ttft_s": first, "total_s": total, "usage": usage}
-
-
-def _wait_for_drafter(nodes: Any, model: str, drafter: str, timeout: float) -> None:
-    """Until every node's plan names the drafter node for the model (it loads its drafter
-    after it joins)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        plans = [s.get("plan", {}) for s in poll_statuses(nodes).values()]
-        if plans and all(drafter in p.get("drafters", {}).get(model, []) for p in plans):
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"{drafter} did not start drafting for {model} within {timeout:.0f} s")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -101,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         asking = state.nodes[-1]
         if with_drafter:
-            _wait_for_drafter(state.nodes, args.model, state.nodes[1].name, args.timeout)
+            wait_for_drafters(state.nodes, args.model, [state.nodes[1].name], args.timeout)
         statuses = poll_statuses(state.nodes)
         holders = sorted(n for n, st in statuses.items() if args.model in st.get("loaded", []))
         print(
@@ -124,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary) if args.json else f"[{summary}]", file=sys.stderr)
         return 0
-    except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+    except (aiohttp.ClientError, OSError, RuntimeError, HarnessError) as exc:
         print(f"sled demo: {exc}", file=sys.stderr)
         return 1
     finally:

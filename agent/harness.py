@@ -365,6 +365,22 @@ def wait_for_cluster(nodes: Sequence[NodeProcess], timeout: float, model: str | 
 # -- commands ----------------------------------------------------------------------------------
 
 
+def wait_for_drafters(
+    nodes: Sequence[NodeProcess], model: str, drafters: Sequence[str], timeout: float
+) -> None:
+    """Until every node's plan names these drafter nodes for the model (a drafter loads its
+    drafter after it joins, then advertises it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        plans = [s.get("plan", {}) for s in poll_statuses(nodes).values()]
+        if plans and all(set(drafters) <= set(p.get("drafters", {}).get(model, [])) for p in plans):
+            return
+        time.sleep(POLL_S)
+    raise HarnessError(
+        f"{', '.join(drafters)} did not start drafting for {model} in {timeout:.0f} s"
+    )
+
+
 def _print_nodes(state: HarnessState, statuses: Mapping[str, Mapping[str, Any]]) -> None:
     rows = []
     for node in state.nodes:

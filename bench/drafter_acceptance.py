@@ -102,9 +102,12 @@ def run_prompt(
             verdict = verify_draft(logits, draft, params)
             verify_s += time.perf_counter() - start
             cache.truncate(slot, len(committed) + verdict.accepted)
-            committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
+            new = [*draft.tokens[: verdict.accepted], verdict.token]
             accepted_runs.append(verdict.accepted)
-            if verdict.token in tokenizer.stop_ids:
+            # An accepted draft token may end the turn: generation stops there.
+            stops = [i for i, t in enumerate(new) if t in tokenizer.stop_ids]
+            committed.extend(new[: stops[0] + 1] if stops else new)
+            if stops:
                 break
         stats = session.stats
         generated = len(committed) - len(ids)

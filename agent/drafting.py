@@ -123,11 +123,14 @@ class RemoteDraftChannel:
     async def propose(self, committed: Sequence[int], k: int) -> Draft:
         keep = common_prefix(self._held, committed)
         try:
-            reply = await self._ask(committed, keep, k)
+            try:
+                reply = await self._ask(committed, keep, k)
+            except RemoteError as exc:
+                if exc.code != UNKNOWN_DRAFT_SESSION or keep == 0:
+                    raise
+                reply = await self._ask(committed, 0, k)  # it restarted or dropped the session
         except RemoteError as exc:
-            if exc.code != UNKNOWN_DRAFT_SESSION or keep == 0:
-                raise DraftFailed(f"{self.node} refused to draft: {exc.code}: {exc.text}") from exc
-            reply = await self._ask(committed, 0, k)  # it restarted or dropped the session
+            raise DraftFailed(f"{self.node} refused to draft: {exc.code}: {exc.text}") from exc
         self._held = list(committed)
         try:
             draft = _draft_of(reply)

@@ -295,6 +295,25 @@ def best_format(curves: Mapping[str, Mapping[str, float]], shape: str) -> str:
     return min(curves, key=lambda w: curves[w][shape])
 
 
+TYPICAL_ACCEPTANCE = 0.6  # per drafted token, for choosing a single-session verifier format
+
+
+def best_single_verifier(curves: Mapping[str, Mapping[str, float]]) -> str:
+    """The format with the most expected tokens per second for one session drafting k tokens
+    (k = 0, 1, 2, 4, 8 at a typical acceptance): verification of a few tokens, not one."""
+    from models.speculative import expected_tokens
+
+    def rate(weights: str) -> float:
+        ms = curves[weights]
+        return max(
+            expected_tokens(TYPICAL_ACCEPTANCE, t - 1) / ms[f"1x{t}"]
+            for t in (1, 2, 3, 5, 9)
+            if f"1x{t}" in ms
+        )
+
+    return max(curves, key=rate)
+
+
 def single_session(
     root: Path,
     prompts: Sequence[Mapping[str, str]],
@@ -528,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_child(command, env=thread_env(1), timeout_s=1800).last_json()
     curves = cost_curves(args.formats.split(","), repeats=3 if quick else 5)
     baseline_weights = best_format(curves, "1x1")
-    single_weights = best_format(curves, "1x5")
+    single_weights = best_single_verifier(curves)
     batch_weights = best_format(curves, "8x3")
     print(
         f"[choice] target-only: {baseline_weights}; single-session verifier: {single_weights}; "

@@ -197,18 +197,25 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 def choose_draft_length(
     acceptance: float,
-    draft_s_per_token: float,
+    draft_s: float | Callable[[int], float],
     pass_s: Callable[[int], float],
     other_tokens: int = 0,
     k_max: int = 8,
 ) -> int:
     """The k in [0, k_max] with the most expected tokens per second for one session.
 
-    `pass_s(t)` is the verifier's cost of a pass holding t tokens in all; this session adds
-    k + 1 of them to the `other_tokens` that other sessions bring to the same pass."""
+    `draft_s` is the drafter's time for a draft of k tokens (a function of k, or seconds per
+    token); `pass_s(t)` is the verifier's cost of a pass holding t tokens in all; this session
+    adds k + 1 of them to the `other_tokens` that other sessions bring to the same pass."""
+
+    def drafting(k: int) -> float:
+        if k == 0:
+            return 0.0
+        return draft_s(k) if callable(draft_s) else k * draft_s
+
     best_k, best_rate = 0, -1.0
     for k in range(k_max + 1):
-        seconds = k * draft_s_per_token + pass_s(other_tokens + k + 1)
+        seconds = drafting(k) + pass_s(other_tokens + k + 1)
         rate = expected_tokens(acceptance, k) / max(seconds, 1e-9)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
@@ -250,9 +257,11 @@ class AcceptanceTracker:
 
 class DraftPolicy:
     """A session's draft length: fixed, or adapted from its acceptance rate, its drafter's
-    measured cost per token and the verifier's pass-cost curve (shared by the verifier's
-    sessions). After `probe_every` steps at k=0 it drafts one token, so an estimate made on
-    unlucky text can recover."""
+    measured time per draft and the verifier's pass-cost curve (shared by the verifier's
+    sessions). It maximises this session's tokens per second: a remote drafter's time does not
+    hold up other sessions' passes, but it does delay this session's next one. After
+    `probe_every` steps at k=0 it drafts one token, so an estimate made on unlucky text can
+    recover."""
 
     def __init__(
         self,
@@ -260,7 +269,6 @@ class DraftPolicy:
         fixed_k: int | None = None,
         k_max: int = 8,
         probe_every: int = 8,
-        overlapped: bool = False,
     ) -> None:
         if fixed_k is not None and fixed_k < 0:
             raise ValueError(f"draft k must be >= 0, got {fixed_k}")
@@ -268,11 +276,10 @@ class DraftPolicy:
         self.fixed_k = fixed_k
         self.k_max = k_max
         self.probe_every = probe_every
-        # A drafter on another device drafts while the verifier runs other sessions' passes, so
-        # its time does not add to the verifier's; it still adds to this session's latency.
-        self.overlapped = overlapped
         self.tracker = AcceptanceTracker()
-        self.draft_s_per_token = 0.0
+        # Seconds a draft of k tokens takes to arrive (a fixed part per request, for a remote
+        # drafter the round trip, plus a part per token), measured; free until measured.
+        self.draft_cost = PassCostCurve(one_token_s=0.0)
         self.last_k = 0
         self._idle_steps = 0
 
@@ -281,7 +288,7 @@ class DraftPolicy:
             k = self.fixed_k
         else:
             k = choose_draft_length(
-                self.tracker.rate, self.draft_s_per_token, self.curve, other_tokens, self.k_max
+                self.tracker.rate, self.draft_cost, self.curve, other_tokens, self.k_max
             )
             if k == 0:
                 self._idle_steps += 1
@@ -292,13 +299,9 @@ class DraftPolicy:
         self.last_k = max(0, min(k, room))
         return self.last_k
 
-    def observe_draft(self, k: int, seconds: float, weight: float = 0.2) -> None:
-        if k > 0 and math.isfinite(seconds) and seconds >= 0:
-            per_token = seconds / k
-            if self.tracker.drafted == 0 and self.draft_s_per_token == 0.0:
-                self.draft_s_per_token = per_token
-            else:
-                self.draft_s_per_token += weight * (per_token - self.draft_s_per_token)
+    def observe_draft(self, k: int, seconds: float) -> None:
+        if k > 0:
+            self.draft_cost.observe(k, seconds)
 
     def observe_verify(self, drafted: int, accepted: int) -> None:
         self.tracker.observe(drafted, accepted, accepted + 1)

@@ -110,6 +110,8 @@ def test_draft_length_follows_acceptance_and_costs() -> None:
     assert choose_draft_length(0.05, 0.0, flat) <= 1
     assert choose_draft_length(0.9, 0.0, steep) <= 1  # nothing to gain when tokens cost linearly
     assert choose_draft_length(0.9, 0.5, flat) == 0  # a drafter slower than the verifier
+    # A drafter with a fixed cost per request (a round trip) and cheap tokens: long drafts.
+    assert choose_draft_length(0.8, lambda k: 0.05 + 0.001 * k, flat) >= 6
     # More tokens from other sessions in the pass push this session's k down on a steep curve.
     bent = PassCostCurve()
     for t, s in [(1, 0.1), (8, 0.11), (16, 0.3), (32, 0.9)]:
@@ -124,7 +126,8 @@ def test_policy_probes_after_idle_steps() -> None:
     for t in range(1, 10):
         curve.observe(t, 0.05 * t)
     policy = DraftPolicy(curve, probe_every=3)
-    policy.draft_s_per_token = 1.0
+    for k in range(1, 9):
+        policy.observe_draft(k, 1.0 * k)  # a drafter far slower than the verifier
     ks = [policy.next_k(room=8) for _ in range(6)]
     assert ks == [0, 0, 1, 0, 0, 1]
     assert DraftPolicy(curve, fixed_k=5).next_k(room=3) == 3

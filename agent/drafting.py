@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 DRAFT_TIMEOUT_S = 10.0  # a drafter slower than this is treated as gone for the session
 IDLE_SESSION_S = 300.0  # drafter-side sessions not asked for this long are dropped
+AHEAD_TRIAL = 4  # guesses before the hit rate decides whether to keep drafting ahead
+AHEAD_MIN_HIT_RATE = 0.4
+AHEAD_RETRY_EVERY = 16
 
 
 class DraftFailed(Exception):
@@ -211,7 +214,18 @@ class _Drafting:
     last_used: float
     ahead: asyncio.Task[tuple[list[int], Draft] | None] | None = None
     served: int = 0
+    ahead_tries: int = 0
     ahead_hits: int = 0
+
+    def worth_drafting_ahead(self) -> bool:
+        """A guess that keeps missing costs the next request its wait: stop guessing for a
+        session whose guesses rarely come true (cross-tokenizer drafters miss the token after
+        a verification most of the time), but retry now and then."""
+        if self.ahead_tries < AHEAD_TRIAL:
+            return True
+        if self.ahead_hits >= AHEAD_MIN_HIT_RATE * self.ahead_tries:
+            return True
+        return self.served % AHEAD_RETRY_EVERY == 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -289,7 +303,8 @@ class DrafterService:
                     await self._drop(key)
                     raise Refused(BAD_SESSION, f"drafting failed: {exc}") from exc
             state.served += 1
-            if self.draft_ahead and draft.k:
+            if self.draft_ahead and draft.k and state.worth_drafting_ahead():
+                state.ahead_tries += 1
                 state.ahead = asyncio.get_running_loop().create_task(
                     self._guess(state, committed + list(draft.tokens), msg.k)
                 )

@@ -5,8 +5,6 @@ drafter through text is slow (its fp32 weights take minutes to convert) and mark
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from models.backend import load_backend

@@ -226,6 +226,7 @@ class _Drafting:
         if self.ahead_hits >= AHEAD_MIN_HIT_RATE * self.ahead_tries:
             return True
         return self.served % AHEAD_RETRY_EVERY == 0
+
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 

@@ -389,12 +389,13 @@ def capacity(
             cluster.pin()
             replies, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, True)
             rows["sled"][n] = _row(replies, wall)
-            serial, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, False)
-            rows["one_by_one"][n] = _row(serial, wall)
-            print(
-                f"[capacity sled n={n}] {rows['sled'][n]} | one by one {rows['one_by_one'][n]}",
-                file=sys.stderr,
-            )
+            print(f"[capacity sled n={n}] {rows['sled'][n]}", file=sys.stderr)
+            # One by one, the aggregate rate is one session's whatever n is: measured at the
+            # smallest count and at 8 sessions (the ratio the issue asks for), not at every n.
+            if n in (min(counts), 8):
+                serial, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, False)
+                rows["one_by_one"][n] = _row(serial, wall)
+                print(f"[capacity one by one n={n}] {rows['one_by_one'][n]}", file=sys.stderr)
         cluster.record_rss()
         rss = dict(cluster.rss_mb)
     finally:
@@ -528,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if quick:
         seen: set[str] = set()
         prompts = [p for p in prompts if not (p["kind"] in seen or seen.add(p["kind"]))]  # type: ignore[func-returns-value]
-    max_tokens = args.max_tokens or (48 if quick else 128)
+    max_tokens = args.max_tokens or (48 if quick else 64)
     counts = [int(x) for x in (args.sessions or ("1,2,4,8" if quick else "1,2,4,8,16")).split(",")]
     skip = set(filter(None, args.skip.split(",")))
     from models.trained_drafter import default_drafter_path
@@ -625,9 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         held = {name: sustained(rows, bound) for name, rows in cap["rows"].items()}
         capacity_ratio = ratio(held["sled"], held["centralized"]) if held["centralized"] else None
         top = 8 if 8 in counts else max(counts)
+        serial = cap["rows"]["one_by_one"]
+        serial_top = serial.get(top) or serial[min(counts)]
         batched_ratio = ratio(
-            cap["rows"]["sled"][top]["aggregate_tok_s"],
-            cap["rows"]["one_by_one"][top]["aggregate_tok_s"],
+            cap["rows"]["sled"][top]["aggregate_tok_s"], serial_top["aggregate_tok_s"]
         )
         verifier_mb = cap["rss_mb"].get("node-0", 0.0)
         drafter_mbs = [v for k, v in cap["rss_mb"].items() if k != "node-0"]

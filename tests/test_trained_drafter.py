@@ -230,3 +230,19 @@ def test_saved_text_is_reused_only_for_the_same_target(
     assert torch.equal(samples[0].top_probs, trained.samples[0].top_probs)
     assert load_text(path, target_sha256(tiny_paths["llama"])) is None
     assert load_text(tmp_path / "absent.pt", sha) is None
+
+
+def test_frozen_head_option_trains_only_the_adapter(trained: Trained) -> None:
+    gf = GGUFFile(trained.target)
+    samples = trained.samples[:4]
+    vocab_ids = reduced_vocabulary(samples, VOCAB, gf.config.vocab_size)
+    net = DrafterNet(gf.config, *initial_weights(gf, LAYERS, LAYERS, vocab_ids), sliding=False)
+    head, qkv = net.head.detach().clone(), net.block.qkv.weight.detach().clone()
+    frozen = load_backend(trained.target, layers=(0, LAYERS), max_slots=1, cache_root=trained.cache)
+    examples = make_examples(
+        samples, frozen_hidden(frozen, samples, show=False), vocab_ids, gf.config.vocab_size
+    )
+    options = TrainOptions(lr=3e-3, batch_tokens=256, train_head=False)
+    train_net(net, examples, time.monotonic() + 10.0, options, show=False, max_epochs=2)
+    assert torch.equal(net.head, head)
+    assert not torch.equal(net.block.qkv.weight, qkv)

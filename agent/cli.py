@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--draft-k", type=int, default=0, help="draft tokens per step (0: adaptive)")
     gen.add_argument("--drafter-backend", choices=["torch", "onnx"], default="torch")
-    gen.add_argument("--drafter-weights", default="bf16", help="weight format of a model drafter")
+    gen.add_argument("--drafter-weights", default="int4", help="weight format of a model drafter")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.set_defaults(func=_generate)
 

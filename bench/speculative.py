@@ -515,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", default=None, help="session counts for (a), e.g. 1,2,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--formats", default="int4,bf16", help="verifier weight formats to measure")
-    parser.add_argument("--drafter-weights", default="bf16")
+    parser.add_argument("--drafter-weights", default="int4")
     parser.add_argument("--capacity-drafter", default=None, help="drafter spec for (a)")
     parser.add_argument("--skip", default="", help="parts to skip: single,capacity,llamacpp")
     parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("speculative.png"))

@@ -282,6 +282,7 @@ class DraftPolicy:
         self.draft_cost = PassCostCurve(one_token_s=0.0)
         self.last_k = 0
         self._idle_steps = 0
+        self._drafts_seen = 0
 
     def next_k(self, room: int, other_tokens: int = 0) -> int:
         if self.fixed_k is not None:
@@ -300,7 +301,10 @@ class DraftPolicy:
         return self.last_k
 
     def observe_draft(self, k: int, seconds: float) -> None:
-        if k > 0:
+        # The first draft of a session also reads the whole prompt into the drafter: not what
+        # the next drafts will cost.
+        self._drafts_seen += 1
+        if k > 0 and self._drafts_seen > 1:
             self.draft_cost.observe(k, seconds)
 
     def observe_verify(self, drafted: int, accepted: int) -> None:

@@ -126,6 +126,7 @@ def test_policy_probes_after_idle_steps() -> None:
     for t in range(1, 10):
         curve.observe(t, 0.05 * t)
     policy = DraftPolicy(curve, probe_every=3)
+    policy.observe_draft(3, 60.0)  # the first draft reads the prompt too: not counted
     for k in range(1, 9):
         policy.observe_draft(k, 1.0 * k)  # a drafter far slower than the verifier
     ks = [policy.next_k(room=8) for _ in range(6)]

@@ -328,7 +328,7 @@ class DrafterService:
             return None
         state.ahead_hits += 1
         self.ahead_hits += 1
-        return _cut(draft, k)
+        return draft.first(k)
 
     async def _guess(
         self, state: _Drafting, assumed: list[int], k: int
@@ -375,14 +375,6 @@ class DrafterService:
         for key in list(self._sessions):
             await self._drop(key)
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
-
-
-def _cut(draft: Draft, k: int) -> Draft:
-    if draft.k <= k:
-        return draft
-    q_ids = None if draft.q_ids is None else draft.q_ids[:k]
-    q_probs = None if draft.q_probs is None else draft.q_probs[:k]
-    return Draft(draft.position, draft.tokens[:k], q_ids, q_probs, draft.kind, draft.draft_s)
 
 
 class LocalDraftRouter:

@@ -500,7 +500,7 @@ class Engine:
         assert work.slot is not None
         limit = min(self.backend.cache.room(work.slot) - 1, work.max_new - work.generated - 1)
         if draft.k > limit:
-            draft = _cut(draft, max(0, limit))
+            draft = draft.first(max(0, limit))
         return draft if draft.k else None
 
     def _count(self, work: _Work, draft: Draft | None, accepted: int) -> None:
@@ -581,9 +581,3 @@ async def _close_quietly(channel: DraftChannel) -> None:
         await channel.close()
     except Exception:  # closing is a courtesy to the drafter; it drops idle sessions anyway
         log.debug("closing a %s draft channel failed", channel.kind, exc_info=True)
-
-
-def _cut(draft: Draft, k: int) -> Draft:
-    q_ids = None if draft.q_ids is None else draft.q_ids[:k]
-    q_probs = None if draft.q_probs is None else draft.q_probs[:k]
-    return Draft(draft.position, draft.tokens[:k], q_ids, q_probs, draft.kind, draft.draft_s)

@@ -65,6 +65,14 @@ class Draft:
     def k(self) -> int:
         return len(self.tokens)
 
+    def first(self, k: int) -> Draft:
+        """The first k tokens of this draft (all of it when it has no more)."""
+        if self.k <= k:
+            return self
+        q_ids = None if self.q_ids is None else self.q_ids[:k]
+        q_probs = None if self.q_probs is None else self.q_probs[:k]
+        return Draft(self.position, self.tokens[:k], q_ids, q_probs, self.kind, self.draft_s)
+
     def after(self, position: int) -> Draft:
         """The part of this draft from absolute `position` on (an empty draft past its end)."""
         skip = min(max(0, position - self.position), self.k)

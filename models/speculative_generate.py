@@ -127,7 +127,7 @@ def generate_speculative(
                 draft = session.propose(committed, k)
                 draft_s += draft.draft_s
                 policy.observe_draft(k, draft.draft_s)
-                draft = Draft(len(committed), draft.tokens[:k], *_q(draft, k), draft.kind)
+                draft = draft.first(k)
             else:
                 draft = Draft(len(committed), ())
             pass_start = time.perf_counter()
@@ -178,9 +178,3 @@ def generate_speculative(
         mean_k=sum(ks) / len(ks) if ks else 0.0,
     )
     return SpeculativeResult(tuple(tokens), stats, spec)
-
-
-def _q(draft: Draft, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if draft.q_ids is None or draft.q_probs is None:
-        return None, None
-    return draft.q_ids[:k], draft.q_probs[:k]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -78,6 +79,7 @@ class DraftRouter(Protocol):
 
 
 DRAFT_PATIENCE_S = 1.0  # how long a caught-up session waits for its draft before going without
+NO_DRAFTER = "*"  # in a session's excluded drafters: none is left, stop asking
 
 
 class TokenSource(Protocol):
@@ -209,6 +211,7 @@ class Engine:
         self.steps = 0  # forward passes run (tests and /status)
         self.last_batch = 0  # sessions in the latest pass
         self.drafts = drafts
+        self._ids = itertools.count(1)  # session ids for callers that give none
         self.draft_k = draft_k
         self.k_max = k_max
         self.draft_patience = draft_patience
@@ -275,9 +278,7 @@ class Engine:
                 "waiting; try again shortly",
                 retry_after=1.0,
             )
-        work = _Work(
-            list(committed), params, max_new, session_id or f"local-{id(self)}-{self.steps}"
-        )
+        work = _Work(list(committed), params, max_new, session_id or f"engine-{next(self._ids)}")
         if self.drafts is not None:
             work.policy = DraftPolicy(self.pass_cost, self.draft_k, self.k_max)
         self._waiting.append(work)
@@ -398,8 +399,9 @@ class Engine:
             policy = work.policy
             if policy is None or work.cancelled:
                 continue
+            self._collect(work)  # a drafter chosen since the last pass drafts for this one
             if work.channel is None:
-                if work.channel_task is None and not work.excluded.issuperset({"*"}):
+                if work.channel_task is None and NO_DRAFTER not in work.excluded:
                     work.channel_task = asyncio.get_running_loop().create_task(
                         self.drafts.channel(work.session_id, work.params, set(work.excluded))
                     )
@@ -430,7 +432,7 @@ class Engine:
             failed = channel_task.cancelled() or channel_task.exception() is not None
             channel = None if failed else channel_task.result()
             if channel is None:
-                work.excluded.add("*")  # no drafter for this session: verify without drafts
+                work.excluded.add(NO_DRAFTER)  # verify this session without drafts
             else:
                 work.channel = channel
         if work.draft_task is not None and work.draft_task.done():

@@ -128,10 +128,26 @@ def draw_draft(
     return int(top.indices[pick]), top.indices.to(torch.int64), q.float()
 
 
-class ModelSession:
-    """One session's drafting state on a model backend: a KV slot and the tokens in it."""
+class SlotDrafter(Protocol):
+    """A model drafter that drafts on a backend holding one KV slot per session."""
 
-    def __init__(self, drafter: ModelDrafter, params: SamplingParams) -> None:
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def prefill_chunk(self) -> int: ...
+
+
+class ModelSession:
+    """One session's drafting state on a model backend: a KV slot and the tokens in it.
+
+    Subclasses change how a row of the backend's output becomes logits (`_logits`) and how a
+    drafted index becomes a target token id (`_draw`); the slot handling is shared."""
+
+    def __init__(self, drafter: SlotDrafter, params: SamplingParams) -> None:
         self.kind = drafter.kind
         self._drafter = drafter
         self._backend = drafter.backend
@@ -139,15 +155,25 @@ class ModelSession:
         self._slot = self._backend.cache.allocate()
         self._fed: list[int] = []  # token ids whose K/V sit in the slot, in order
 
+    def _logits(self, row: torch.Tensor) -> torch.Tensor:
+        return row
+
+    def _draw(
+        self, logits: torch.Tensor, position: int
+    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """The drafted target token id at `position` and the sparse q it came from."""
+        proposal = getattr(self._drafter, "proposal", "coupled")
+        return draw_draft(logits, self._params, position, proposal)
+
     def _feed(self, ids: Sequence[int]) -> torch.Tensor:
-        """Append ids to the slot; the logits of the last one."""
-        logits = torch.empty(0)
+        """Append ids to the slot; the logits after the last one."""
+        row = torch.empty(0)
         chunk = self._drafter.prefill_chunk
         for i in range(0, len(ids), chunk):
             part = torch.tensor(list(ids[i : i + chunk]), dtype=torch.int64)
-            logits = self._backend.forward([self._slot], [part], last_only=True)[0][-1]
+            row = self._backend.forward([self._slot], [part], last_only=True)[0][-1]
         self._fed.extend(ids)
-        return logits
+        return self._logits(row)
 
     def propose(self, committed: Sequence[int], k: int) -> Draft:
         start = time.perf_counter()
@@ -156,6 +182,8 @@ class ModelSession:
         k = min(k, cache.max_len - len(committed))
         if k < 1 or not committed:
             return Draft(len(committed), (), kind=self.kind)
+        # Reuse the longest prefix already in the slot; always re-feed the last committed token
+        # so its logits exist.
         keep = min(common_prefix(self._fed, committed), len(committed) - 1)
         cache.truncate(self._slot, keep)
         del self._fed[keep:]
@@ -163,28 +191,22 @@ class ModelSession:
         tokens: list[int] = []
         ids_rows: list[torch.Tensor] = []
         prob_rows: list[torch.Tensor] = []
-        sparse = not self._params.greedy and self._drafter.proposal == "sampled"
         position = len(committed)
         while True:
-            token, q_ids, q_probs = draw_draft(
-                logits, self._params, position + len(tokens), self._drafter.proposal
-            )
+            token, q_ids, q_probs = self._draw(logits, position + len(tokens))
             tokens.append(token)
-            if sparse and q_ids is not None and q_probs is not None:
+            if q_ids is not None and q_probs is not None:
                 ids_rows.append(q_ids)
                 prob_rows.append(q_probs)
             if len(tokens) >= k:
                 break
             logits = self._feed([token])
-        q_ids_t: torch.Tensor | None = None
-        q_probs_t: torch.Tensor | None = None
-        if sparse:
-            q_ids_t, q_probs_t = torch.stack(ids_rows), torch.stack(prob_rows)
+        sparse = bool(ids_rows)  # a sampled proposal: every token came with its q
         return Draft(
             position,
             tuple(tokens),
-            q_ids_t,
-            q_probs_t,
+            torch.stack(ids_rows) if sparse else None,
+            torch.stack(prob_rows) if sparse else None,
             kind=self.kind,
             draft_s=time.perf_counter() - start,
         )

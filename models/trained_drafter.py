@@ -16,7 +16,6 @@ step), so the drafter never holds the rest of the target.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,9 +26,8 @@ import torch
 
 from models.config import ModelConfig
 from models.decoder import rms_norm
-from models.drafters import draw_draft
+from models.drafters import ModelSession, draw_draft
 from models.sampling import SamplingParams
-from models.speculative import Draft, common_prefix
 from models.torch_backend import TorchBackend
 from models.weight_formats import check_format, pack_linear
 
@@ -310,66 +308,24 @@ class TrainedDrafter:
         return TrainedSession(self, params)
 
 
-class TrainedSession:
-    """One session's drafting state: a KV slot (frozen layers + adapter) and the tokens in it."""
+class TrainedSession(ModelSession):
+    """One session's drafting state: a KV slot (frozen layers + adapter) and the tokens in it.
+    The backend gives hidden states; the reduced head makes logits over the drafter's
+    vocabulary, whose indices map back to target ids."""
+
+    _drafter: TrainedDrafter
 
     def __init__(self, drafter: TrainedDrafter, params: SamplingParams) -> None:
-        self.kind = drafter.kind
-        self._drafter = drafter
-        self._backend = drafter.backend
-        self._params = params
-        self._slot = self._backend.cache.allocate()
-        self._fed: list[int] = []  # token ids whose K/V sit in the slot, in order
+        super().__init__(drafter, params)
 
-    def _feed(self, ids: Sequence[int]) -> torch.Tensor:
-        """Append ids to the slot; the reduced logits after the last one."""
-        hidden = torch.empty(0)
-        chunk = self._drafter.prefill_chunk
-        for i in range(0, len(ids), chunk):
-            part = torch.tensor(list(ids[i : i + chunk]), dtype=torch.int64)
-            hidden = self._backend.forward([self._slot], [part], last_only=True)[0][-1]
-        self._fed.extend(ids)
-        return self._drafter.logits(hidden)
+    def _logits(self, row: torch.Tensor) -> torch.Tensor:
+        return self._drafter.logits(row)
 
-    def propose(self, committed: Sequence[int], k: int) -> Draft:
-        start = time.perf_counter()
-        cache = self._backend.cache
-        k = min(k, cache.max_len - len(committed))
-        if k < 1 or not committed:
-            return Draft(len(committed), (), kind=self.kind)
-        # Reuse the longest prefix already in the slot; always re-feed the last committed token
-        # so its logits exist.
-        keep = min(common_prefix(self._fed, committed), len(committed) - 1)
-        cache.truncate(self._slot, keep)
-        del self._fed[keep:]
-        logits = self._feed(committed[keep:])
+    def _draw(
+        self, logits: torch.Tensor, position: int
+    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
         vocab_ids = self._drafter.vocab_ids
-        tokens: list[int] = []
-        ids_rows: list[torch.Tensor] = []
-        prob_rows: list[torch.Tensor] = []
-        position = len(committed)
-        while True:
-            index, q_idx, q_probs = draw_draft(
-                logits, self._params, position + len(tokens), "sampled"
-            )
-            token = int(vocab_ids[index])
-            tokens.append(token)
-            if q_idx is not None and q_probs is not None:
-                ids_rows.append(vocab_ids[q_idx])  # reduced-head rows -> target ids
-                prob_rows.append(q_probs)
-            if len(tokens) >= k:
-                break
-            logits = self._feed([token])
-        sparse = not self._params.greedy and bool(ids_rows)
-        return Draft(
-            position,
-            tuple(tokens),
-            torch.stack(ids_rows) if sparse else None,
-            torch.stack(prob_rows) if sparse else None,
-            kind=self.kind,
-            draft_s=time.perf_counter() - start,
-        )
-
-    def close(self) -> None:
-        if self._slot in self._backend.cache.slots:
-            self._backend.cache.free(self._slot)
+        index, q_idx, q_probs = draw_draft(logits, self._params, position, "sampled")
+        # Reduced-head rows -> target ids.
+        q_ids = None if q_idx is None else vocab_ids[q_idx]
+        return int(vocab_ids[index]), q_ids, q_probs

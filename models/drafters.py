@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from models.backend import Backend
+from models.generate import feed
 from models.sampling import SamplingParams, position_generator, probabilities, sample
 from models.speculative import DRAFT_SEED_SALT, Draft, common_prefix
 
@@ -167,11 +168,7 @@ class ModelSession:
 
     def _feed(self, ids: Sequence[int]) -> torch.Tensor:
         """Append ids to the slot; the logits after the last one."""
-        row = torch.empty(0)
-        chunk = self._drafter.prefill_chunk
-        for i in range(0, len(ids), chunk):
-            part = torch.tensor(list(ids[i : i + chunk]), dtype=torch.int64)
-            row = self._backend.forward([self._slot], [part], last_only=True)[0][-1]
+        row = feed(self._backend, self._slot, ids, self._drafter.prefill_chunk)
         self._fed.extend(ids)
         return self._logits(row)
 

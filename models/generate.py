@@ -41,6 +41,40 @@ class GenerationResult:
     stats: GenerationStats
 
 
+def check_generation(
+    backend: Backend, prompt_ids: Sequence[int], max_tokens: int, prefill_chunk: int
+) -> None:
+    """ValueError unless a backend with these arguments can generate a reply."""
+    n_layers = backend.config.n_layers
+    if backend.layers != (0, n_layers):
+        raise ValueError(f"generate needs all {n_layers} layers, backend has {backend.layers}")
+    if not prompt_ids:
+        raise ValueError("the prompt is empty (no tokens)")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prefill_chunk < 1:
+        raise ValueError("prefill_chunk must be >= 1")
+
+
+def feed(backend: Backend, slot: int, ids: Sequence[int], chunk: int) -> torch.Tensor:
+    """Append ids to a slot in chunks of `chunk`; the output row of the last one."""
+    row = torch.empty(0)
+    for i in range(0, len(ids), chunk):
+        part = torch.tensor(list(ids[i : i + chunk]), dtype=torch.int64)
+        row = backend.forward([slot], [part], last_only=True)[0][-1]
+    return row
+
+
+def prefill(backend: Backend, slot: int, prompt_ids: Sequence[int], chunk: int) -> torch.Tensor:
+    """Read a prompt into an empty slot; the logits after its last token."""
+    if len(prompt_ids) >= backend.cache.room(slot):
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; this backend holds at most "
+            f"{backend.cache.max_len} per session"
+        )
+    return feed(backend, slot, prompt_ids, chunk)
+
+
 def generate(
     backend: Backend,
     prompt_ids: Sequence[int],
@@ -55,28 +89,12 @@ def generate(
     Uses one KV cache slot of a backend that holds the whole model, and frees it at the end.
     `on_token` sees each generated id as soon as it is chosen (for streaming).
     """
-    n_layers = backend.config.n_layers
-    if backend.layers != (0, n_layers):
-        raise ValueError(f"generate needs all {n_layers} layers, backend has {backend.layers}")
-    if not prompt_ids:
-        raise ValueError("the prompt is empty (no tokens)")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if prefill_chunk < 1:
-        raise ValueError("prefill_chunk must be >= 1")
+    check_generation(backend, prompt_ids, max_tokens, prefill_chunk)
     cache = backend.cache
     slot = cache.allocate()
     try:
-        if len(prompt_ids) >= cache.room(slot):
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; this backend holds at most "
-                f"{cache.max_len} per session"
-            )
-        ids = torch.tensor(list(prompt_ids), dtype=torch.int64)
         start = time.perf_counter()
-        logits = torch.empty(0)
-        for i in range(0, len(ids), prefill_chunk):
-            logits = backend.forward([slot], [ids[i : i + prefill_chunk]], last_only=True)[0][-1]
+        logits = prefill(backend, slot, prompt_ids, prefill_chunk)
         prefill_s = time.perf_counter() - start
 
         tokens: list[int] = []

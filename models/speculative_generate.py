@@ -17,7 +17,7 @@ import torch
 
 from models.backend import Backend
 from models.drafters import Drafter
-from models.generate import PREFILL_CHUNK, GenerationStats
+from models.generate import PREFILL_CHUNK, GenerationStats, check_generation, prefill
 from models.sampling import SamplingParams, next_token, position_generator
 from models.speculative import Draft, DraftPolicy, PassCostCurve, Verdict, verify_draft
 
@@ -70,13 +70,7 @@ def generate_speculative(
     `generate`'s token for token; sampled output follows the same distribution. `verify` is
     replaceable only so a test can break the acceptance rule and watch that test fail.
     """
-    n_layers = backend.config.n_layers
-    if backend.layers != (0, n_layers):
-        raise ValueError(f"generation needs all {n_layers} layers, backend has {backend.layers}")
-    if not prompt_ids:
-        raise ValueError("the prompt is empty (no tokens)")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    check_generation(backend, prompt_ids, max_tokens, prefill_chunk)
     if draft_k is not None and draft_k < 0:
         raise ValueError(f"draft_k must be >= 0, got {draft_k}")
     cache = backend.cache
@@ -88,17 +82,9 @@ def generate_speculative(
     draft_s = verify_s = 0.0
     ks: list[int] = []
     try:
-        if len(prompt_ids) >= cache.room(slot):
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; this backend holds at most "
-                f"{cache.max_len} per session"
-            )
         committed = list(prompt_ids)
         start = time.perf_counter()
-        ids = torch.tensor(committed, dtype=torch.int64)
-        logits = torch.empty(0)
-        for i in range(0, len(ids), prefill_chunk):
-            logits = backend.forward([slot], [ids[i : i + prefill_chunk]], last_only=True)[0][-1]
+        logits = prefill(backend, slot, committed, prefill_chunk)
         prefill_s = time.perf_counter() - start
         # The first token comes from the prefill, exactly as in target-only generation.
         token = next_token(logits, params, position_generator(params.seed, len(committed)))

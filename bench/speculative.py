@@ -380,23 +380,12 @@ def capacity(
 ) -> dict[str, Any]:
     """(a): SLED batched, one by one, centralized, at each session count."""
     most = max(counts)
-    rows: dict[str, dict[int, dict[str, float]]] = {"sled": {}, "one_by_one": {}, "centralized": {}}
     verifier = {"weights": verifier_weights, "drafter": "none", "max_sessions": str(most)}
     cluster = start_cluster("capacity-sled", root, verifier, most, drafter, drafter_weights)
     try:
-        run_requests(cluster.verifier.api, prompts[:1], 8, 0.0, concurrent=False)
-        for n in counts:
-            batch = [prompts[i % len(prompts)] for i in range(n)]
-            cluster.pin()
-            replies, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, True)
-            rows["sled"][n] = _row(replies, wall)
-            print(f"[capacity sled n={n}] {rows['sled'][n]}", file=sys.stderr)
-            # One by one, the aggregate rate is one session's whatever n is: measured at the
-            # smallest count and at 8 sessions (the ratio the issue asks for), not at every n.
-            if n in (min(counts), 8):
-                serial, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, False)
-                rows["one_by_one"][n] = _row(serial, wall)
-                print(f"[capacity one by one n={n}] {rows['one_by_one'][n]}", file=sys.stderr)
+        # One by one, the aggregate rate is one session's whatever n is: measured at the
+        # smallest count and at 8 sessions (the ratio the issue asks for), not at every n.
+        sled, one_by_one = _sweep(cluster, "sled", prompts, counts, max_tokens, (min(counts), 8))
         cluster.record_rss()
         rss = dict(cluster.rss_mb)
     finally:
@@ -409,16 +398,37 @@ def capacity(
     }
     cluster = start_cluster("capacity-centralized", root, central)
     try:
-        run_requests(cluster.verifier.api, prompts[:1], 8, 0.0, concurrent=False)
-        for n in counts:
-            batch = [prompts[i % len(prompts)] for i in range(n)]
-            cluster.pin()
-            replies, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, True)
-            rows["centralized"][n] = _row(replies, wall)
-            print(f"[capacity centralized n={n}] {rows['centralized'][n]}", file=sys.stderr)
+        centralized, _ = _sweep(cluster, "centralized", prompts, counts, max_tokens)
     finally:
         cluster.down()
+    rows = {"sled": sled, "one_by_one": one_by_one, "centralized": centralized}
     return {"rows": rows, "rss_mb": rss}
+
+
+def _sweep(
+    cluster: Cluster,
+    name: str,
+    prompts: Sequence[Mapping[str, str]],
+    counts: Sequence[int],
+    max_tokens: int,
+    serial_at: Sequence[int] = (),
+) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]:
+    """n concurrent sessions for each n in counts (and the same n one after another where n
+    is in serial_at): a row of figures per n."""
+    concurrent: dict[int, dict[str, float]] = {}
+    serial: dict[int, dict[str, float]] = {}
+    run_requests(cluster.verifier.api, prompts[:1], 8, 0.0, concurrent=False)  # warm-up
+    for n in counts:
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        cluster.pin()
+        replies, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, True)
+        concurrent[n] = _row(replies, wall)
+        print(f"[capacity {name} n={n}] {concurrent[n]}", file=sys.stderr)
+        if n in serial_at:
+            replies, wall = run_requests(cluster.verifier.api, batch, max_tokens, 0.0, False)
+            serial[n] = _row(replies, wall)
+            print(f"[capacity one by one n={n}] {serial[n]}", file=sys.stderr)
+    return concurrent, serial
 
 
 def _row(replies: Sequence[Reply], wall: float) -> dict[str, float]:

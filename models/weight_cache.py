@@ -25,11 +25,11 @@ from models.config import ModelConfig
 from models.gguf_loader import GGUFFile
 from models.weight_formats import (
     PackedSegment,
-    check_format,
     pack_embedding,
     pack_gguf_block,
     pack_head,
     split_prefix,
+    storage_layout,
 )
 
 CACHE_LAYOUT_VERSION = 1
@@ -67,7 +67,7 @@ class WeightCache:
         self.root = Path(root) if root is not None else default_root()
 
     def directory(self, gguf_path: Path, fmt: str) -> Path:
-        return self.root / f"{file_digest(Path(gguf_path))}-{check_format(fmt)}"
+        return self.root / f"{file_digest(Path(gguf_path))}-{storage_layout(fmt)}"
 
     def load_segment(
         self, gguf_path: Path, layers: tuple[int, int] | None, fmt: str

@@ -4,11 +4,14 @@
 - ``bf16``: bfloat16 weights and activations (AVX-512 BF16 GEMMs; cost nearly flat up to ~8 tokens).
 - ``int8``: weight-only int8, one scale per output row, bf16 activations
   (``aten._weight_int8pack_mm``).
-- ``int4``: the GGUF's own 4-bit tensors (Q4_0/Q4_1/Q4_K) transcoded exactly into torch's int4
-  CPU layout (``aten._weight_int4pack_mm_for_cpu``, groups of 32, bf16 activations); tensors the
-  file keeps at higher precision (Q6_K, Q5_0, Q8_0, F16, ...) and the output head become int8.
-  Re-quantizing floats to 4 bits was measured to lose too much (Gemma 3 270M: 78% top-1
-  agreement with fp32, perplexity 9.84 vs 7.42), so int4 never re-quantizes.
+- ``int4``: the GGUF's own 4-bit tensors (Q4_0/Q4_1/Q4_K) transcoded exactly (codes and
+  per-group scale/offset); tensors the file keeps at higher precision (Q6_K, Q5_0, Q8_0, F16, ...)
+  and the output head become 8-bit. Re-quantizing floats to 4 bits was measured to lose too much
+  (Gemma 3 270M: 78% top-1 agreement with fp32, perplexity 9.84 vs 7.42), so int4 never
+  re-quantizes. Two kernels: sled's AVX-512 VNNI kernel (models/vnni_matmul.py: int8
+  activations per group of 32, 8-bit parts as per-group asymmetric codes) where it builds, else
+  torch's int4 kernel (``aten._weight_int4pack_mm_for_cpu``, bf16 activations) with per-row int8
+  (``aten._weight_int8pack_mm``) for the 8-bit parts. The two layouts are cached apart.
 
 A linear layer is described by a flat dict of tensors ("packed"), which is what the weight
 cache stores, so a cached layer is turned back into a module without any conversion.
@@ -28,6 +31,8 @@ from models.config import ModelConfig
 from models.gguf_loader import GGUFFile, SegmentWeights
 from models.int4_blocks import GROUP as INT4_GROUP
 from models.int4_blocks import Int4Groups
+from models.vnni_matmul import VnniLinear, pack_codes, pack_codes8
+from models.vnni_matmul import available as vnni_available
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_INNER_K_TILES = 2
@@ -66,8 +71,16 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scales.to(torch.bfloat16)
 
 
+def storage_layout(fmt: str) -> str:
+    """The name under which a format's converted weights are cached: int4's layout depends on
+    which kernel runs it here."""
+    return "int4-vnni" if check_format(fmt) == "int4" and vnni_available() else fmt
+
+
 def pack_int4(groups: Int4Groups) -> dict[str, torch.Tensor]:
-    """4-bit codes + per-group affine maps -> the CPU kernel's packed weight and scales/zeros."""
+    """4-bit codes + per-group affine maps -> the int4 kernel's tensors."""
+    if vnni_available():
+        return pack_codes(groups.codes, groups.scale, groups.offset, 4)
     out_f = groups.codes.shape[0]
     codes = torch.from_numpy(groups.codes.astype(np.int32))
     scale = torch.from_numpy(np.ascontiguousarray(groups.scale))
@@ -79,6 +92,13 @@ def pack_int4(groups: Int4Groups) -> dict[str, torch.Tensor]:
         "scales_zeros": scales_zeros.to(torch.bfloat16),
         "shape": torch.tensor([out_f, groups.codes.shape[1]], dtype=torch.int64),
     }
+
+
+def pack_int4_wide(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A matrix the int4 format keeps at 8 bits (the file holds it at more than 4 bits)."""
+    if vnni_available() and weight.shape[1] % INT4_GROUP == 0:
+        return pack_codes8(weight)
+    return pack_linear(weight, None, "int8")
 
 
 def pack_linear(
@@ -176,6 +196,9 @@ class ConcatLinear(nn.Module):
 def linear_from_packed(packed: Mapping[str, torch.Tensor]) -> nn.Module:
     """Rebuild the module for a packed linear (the format is recognised by its tensors)."""
     bias = packed.get("bias")
+    if "codes" in packed:
+        vnni_available()  # loads the kernel into this process
+        return VnniLinear(packed, bias)
     if "parts" in packed:
         parts = [
             linear_from_packed(split_prefix(packed, str(i))) for i in range(int(packed["parts"]))
@@ -221,11 +244,11 @@ def _pack_fused(
     if all(in_int4):
         packed = pack_int4(_concat_groups([int4[n] for n in names]))
     elif not any(in_int4):
-        packed = pack_linear(torch.cat([raw[n] for n in names]), None, "int8")
+        packed = pack_int4_wide(torch.cat([raw[n] for n in names]))
     else:
         packed = {"parts": torch.tensor(len(names))}
         for i, n in enumerate(names):
-            part = pack_int4(int4[n]) if n in int4 else pack_linear(raw[n], None, "int8")
+            part = pack_int4(int4[n]) if n in int4 else pack_int4_wide(raw[n])
             packed |= prefixed(str(i), part)
     if bias is not None:
         packed["bias"] = bias.to(activation_dtype(fmt)).contiguous()
@@ -255,9 +278,9 @@ def pack_block(
     return out
 
 
-def head_format(fmt: str) -> str:
-    """The output head's format: int4 models keep an int8 head."""
-    return "int8" if fmt == "int4" else fmt
+def pack_head_linear(weight: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """The output head: int4 models keep it at 8 bits."""
+    return pack_int4_wide(weight) if check_format(fmt) == "int4" else pack_linear(weight, None, fmt)
 
 
 def embedding_dtype(fmt: str) -> torch.dtype:
@@ -294,7 +317,7 @@ def pack_gguf_block(gf: GGUFFile, index: int, fmt: str) -> dict[str, torch.Tenso
 
 def pack_head(gf: GGUFFile, fmt: str) -> dict[str, torch.Tensor]:
     """Final norm (key "norm") and output head (keys "head.*")."""
-    out = prefixed("head", pack_linear(gf.head(torch.float32), None, head_format(fmt)))
+    out = prefixed("head", pack_head_linear(gf.head(torch.float32), fmt))
     out["norm"] = gf.final_norm(torch.float32).contiguous()
     return out
 
@@ -322,7 +345,7 @@ def pack_weights(raw: SegmentWeights, fmt: str) -> PackedSegment:
     check_format(fmt)
     head = None
     if raw.head is not None:
-        head = pack_linear(raw.head.float(), None, head_format(fmt))
+        head = pack_head_linear(raw.head.float(), fmt)
     return PackedSegment(
         config=raw.config,
         layers=raw.layers,

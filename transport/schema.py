@@ -230,13 +230,15 @@ class FieldSpec:
 class FieldTable:
     """The plain (non-tensor) fields of a record or message, checked as a msgpack map.
 
-    The (name, check) pairs are precomputed: these loops run for every frame.
+    The (name, exact type, check) triples are precomputed: these loops run for every frame. A
+    scalar value of exactly the field's type (an int within msgpack's range) is taken as is,
+    which is what its check would return, without calling the check.
     """
 
     fields: tuple[FieldSpec, ...]
     names: frozenset[str]
-    incoming_checks: tuple[tuple[str, Callable[[object], object], bool], ...]
-    outgoing_checks: tuple[tuple[str, Callable[[object], object]], ...]
+    incoming_checks: tuple[tuple[str, type | None, Callable[[object], object], bool], ...]
+    outgoing_checks: tuple[tuple[str, type | None, Callable[[object], object]], ...]
 
     @staticmethod
     def of(fields: Iterable[FieldSpec]) -> FieldTable:
@@ -244,18 +246,21 @@ class FieldTable:
         return FieldTable(
             plain,
             frozenset(f.name for f in plain),
-            tuple((f.name, f.spec.incoming, f.required) for f in plain if f.spec),
-            tuple((f.name, f.spec.outgoing) for f in plain if f.spec),
+            tuple((f.name, _exact(f.spec), f.spec.incoming, f.required) for f in plain if f.spec),
+            tuple((f.name, _exact(f.spec), f.spec.outgoing) for f in plain if f.spec),
         )
 
     def incoming(self, raw: Mapping[Any, object]) -> dict[str, object]:
         out: dict[str, object] = {}
-        for name, check, required in self.incoming_checks:
+        for name, exact, check, required in self.incoming_checks:
             if name in raw:
-                try:
-                    out[name] = check(raw[name])
-                except Mismatch as exc:
-                    raise exc.at(f".{name}") from None
+                value = raw[name]
+                if type(value) is not exact or (exact is int and not _INT_MIN <= value < _INT_END):  # type: ignore[operator]
+                    try:
+                        value = check(value)
+                    except Mismatch as exc:
+                        raise exc.at(f".{name}") from None
+                out[name] = value
             elif required:
                 raise Mismatch(f"required field {name!r} is missing")
         if len(out) != len(raw):  # cheaper than a key-set comparison when all is well
@@ -265,12 +270,26 @@ class FieldTable:
 
     def outgoing(self, value: object) -> dict[str, object]:
         out: dict[str, object] = {}
-        for name, check in self.outgoing_checks:
-            try:
-                out[name] = check(getattr(value, name))
-            except Mismatch as exc:
-                raise exc.at(f".{name}") from None
+        for name, exact, check in self.outgoing_checks:
+            item = getattr(value, name)
+            if type(item) is not exact or (exact is int and not _INT_MIN <= item < _INT_END):  # type: ignore[operator]
+                try:
+                    item = check(item)
+                except Mismatch as exc:
+                    raise exc.at(f".{name}") from None
+            out[name] = item
         return out
+
+
+# msgpack's integer range: what _int accepts without converting (chained comparisons:
+# `in range(...)` is several times slower for bounds this large).
+_INT_MIN = -(2**63)
+_INT_END = 2**64
+
+
+def _exact(spec: ValueSpec) -> type | None:
+    """The type whose values a scalar spec's check returns unchanged (None: always check)."""
+    return spec.python_type if isinstance(spec, ScalarSpec) else None
 
 
 def _dataclass_fields(cls: type, allow_tensors: bool) -> tuple[FieldSpec, ...]:
@@ -365,6 +384,14 @@ class MessageSchema:
     table: FieldTable
     tensor_fields: tuple[FieldSpec, ...]
     tensor_names: frozenset[str]
+    # Number of fields once all are given, when instances may then be made by setting their
+    # __dict__ (see `_direct`); -1 when they must go through the class.
+    direct_fields: int = -1
+    # For types whose fields are all plain scalars (see `_compile_fast`): the message from
+    # decoded fields when all are present and of their exact types, else None (then `build`
+    # decides); and the msgpack-ready fields of a message under the same condition.
+    fast_build: Callable[[object], Message | None] | None = None
+    fast_plain: Callable[[Message], dict[str, object] | None] | None = None
 
     def split(self, msg: Message) -> tuple[dict[str, object], list[tuple[str, object]]]:
         """(msgpack-ready plain fields, [(name, tensor)]) of an outgoing message, validated."""
@@ -406,6 +433,11 @@ class MessageSchema:
                     )
                 elif f.required:
                     values[f.name] = None
+        if len(values) == self.direct_fields:
+            # Every field given and checked: what the generated __init__ would store.
+            msg = _new_object(self.cls)
+            _set_attribute(msg, "__dict__", values)
+            return msg
         try:
             return self.cls(**values)
         except (TypeError, ValueError) as exc:  # the message's own __post_init__ refused it
@@ -424,16 +456,85 @@ def message(name: str) -> Callable[[type[M]], type[M]]:
             )
         fields = _dataclass_fields(cls, allow_tensors=True)
         tensor_fields = tuple(f for f in fields if f.spec is None)
+        table = FieldTable.of(fields)
+        direct = _direct(cls)
         cls.__sled_schema__ = MessageSchema(
             name,
             cls,
-            FieldTable.of(fields),
+            table,
             tensor_fields,
             frozenset(f.name for f in tensor_fields),
+            len(fields) if direct else -1,
+            *(_compile_fast(cls, table) if direct and not tensor_fields else (None, None)),
         )
         return cls
 
     return register
+
+
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def _direct(cls: type) -> bool:
+    """True when setting an instance's __dict__ to its checked field values builds it exactly
+    as `cls(**values)` would: dataclass's own generated __init__ (its code comes from a
+    string), every field an init field, no __post_init__, and instances with a __dict__."""
+    init = getattr(cls.__init__, "__code__", None)  # type: ignore[misc]
+    return (
+        init is not None
+        and init.co_filename == "<string>"
+        and all(f.init for f in dataclasses.fields(cls))
+        and not hasattr(cls, "__post_init__")
+        and cls.__dictoffset__ != 0
+    )
+
+
+def _compile_fast(
+    cls: type, table: FieldTable
+) -> tuple[Callable[[object], Message | None] | None, Callable[[Message], Any] | None]:
+    """Straight-line code for the usual case of a message whose fields are all int, float,
+    str, bytes or bool (generated, as dataclass generates __init__: these run for every
+    small frame, and a loop over field specs costs several times more). They accept exactly
+    what FieldTable's checks return unchanged, and leave everything else to them."""
+    exact = [e for _, e, _, _ in table.incoming_checks]
+    if None in exact:
+        return None, None
+    names = [f.name for f in table.fields]
+    namespace: dict[str, object] = {
+        "cls": cls,
+        "new": _new_object,
+        "set_attribute": _set_attribute,
+        "MIN": _INT_MIN,
+        "END": _INT_END,
+    }
+    tests = []
+    for i, kind in enumerate(exact):
+        assert kind is not None
+        namespace[f"T{i}"] = kind
+        tests.append(f"type(v{i}) is T{i}" + (f" and MIN <= v{i} < END" if kind is int else ""))
+    ok = " and ".join(tests) or "True"
+    values = "{" + ", ".join(f"{name!r}: v{i}" for i, name in enumerate(names)) + "}"
+    missing = "f"  # f.get(name, f): a missing field reads as the dict itself, never a scalar
+    source = "\n".join(
+        [
+            "def fast_build(f):",
+            f"    if type(f) is dict and len(f) == {len(names)}:",
+            *(f"        v{i} = f.get({name!r}, {missing})" for i, name in enumerate(names)),
+            f"        if {ok}:",
+            "            m = new(cls)",
+            f"            set_attribute(m, '__dict__', {values})",
+            "            return m",
+            "    return None",
+            "def fast_plain(m):",
+            *(f"    v{i} = m.{name}" for i, name in enumerate(names)),
+            f"    if {ok}:",
+            f"        return {values}",
+            "    return None",
+        ]
+    )
+    exec(source, namespace)  # noqa: S102 (names are dataclass field identifiers)
+    return namespace["fast_build"], namespace["fast_plain"]  # type: ignore[return-value]
 
 
 def schema_of(msg: Message) -> MessageSchema:

@@ -7,8 +7,10 @@ observed on this machine (572-token text, one run):
   perplexities equal to 1e-4 relative (5.4649 both); 32 greedy tokens of a chat answer identical
   (teacher-forced check);
 - top-1 agreement with our fp32 >= 96% and perplexity within 1% of fp32: observed bf16 98.4% /
-  5.4668, int8 97.7% / 5.4731, int4 (exact Q4_K transcode, int8 elsewhere) 98.4% / 5.4809; greedy
-  equal to fp32 for 6 / 32 / 32 of 32 tokens (bf16 departs at a near-tie).
+  5.4668, int8 97.7% / 5.4731, int4 on the VNNI kernel (exact Q4_K codes, float16 scales, 8-bit
+  elsewhere, int8 activations per group of 32) 97.0% / 5.4667 (torch's int4 kernel with bf16
+  activations: 98.4% / 5.4809); greedy equal to fp32 for 6 / 32 / 32 of 32 tokens (bf16 departs
+  at a near-tie).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from transport.messages import (
     Load,
     PeerAddress,
     Ping,
+    Pong,
     Tokens,
 )
 from transport.reader import SCRATCH_BYTES, FrameReader
@@ -566,3 +567,95 @@ def test_decoding_with_remembered_headers_equals_decoding_afresh(
         edited += bytes(resize)
     for _ in range(2):  # the second time, the edited header may be the remembered one
         _same_outcome(_outcome(codec, bytes(edited)), _outcome(None, bytes(edited)))
+
+
+# ----------------------------------------------------------------------------- small-frame paths
+
+
+@message("test_checked")
+@dataclass(frozen=True)
+class Checked(Message):
+    """A message whose own __post_init__ validates: never built by setting its __dict__."""
+
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError("count must be >= 0")
+
+
+PLAIN_TYPES = sorted(name for name, s in REGISTRY.by_name.items() if not s.tensor_fields)
+EDGE_IDS = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1]
+
+
+def _small_outcome(body: bytes, general: bool) -> tuple:
+    """Decoded from a bytearray (as the reader hands small frames over) a frame takes the
+    small-frame path where it applies; from a uint8 array, always the general path."""
+    buffer = np.frombuffer(body, np.uint8).copy() if general else bytearray(body)
+    try:
+        frame = Codec(REGISTRY, LIMITS).decode(buffer)
+    except FrameError as exc:
+        return ("error", exc.code, str(exc))
+    return ("frame", frame.kind, frame.request_id, frame.message)
+
+
+@pytest.mark.parametrize("name", PLAIN_TYPES)
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    data=st.data(),
+    kind=st.sampled_from(list(Kind)),
+    rid=st.sampled_from(EDGE_IDS) | st.integers(0, 2**63 - 1),
+    edits=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 255)), max_size=3),
+    resize=st.sampled_from([0, 0, 0, -1, -3, 1, 4]),
+)
+def test_small_frames_decode_exactly_as_the_general_path(
+    name: str, data: st.DataObject, kind: Kind, rid: int, edits: list, resize: int
+) -> None:
+    """Valid small frames and edited copies of them (header bytes changed, cut, extended)
+    give the same frame or the same error through the small-frame path as through the
+    general one."""
+    msg = data.draw(message_strategy(REGISTRY.by_name[name]))
+    body = bytearray(encode_frame_bytes(Frame(kind, rid, msg), LIMITS)[PREFIX.size :])
+    got = _small_outcome(bytes(body), general=False)
+    assert got[0] == "frame" and got[1:3] == (kind, rid)
+    assert_same_message(msg, got[-1])
+    for at, value in edits:
+        body[at % len(body)] = value
+    if resize < 0:
+        del body[resize:]
+    elif resize:
+        body += bytes(resize)
+    _same_outcome(_small_outcome(bytes(body), False), _small_outcome(bytes(body), True))
+
+
+def test_small_frames_written_otherwise_take_the_general_path() -> None:
+    header = {"v": PROTOCOL_VERSION, "k": 1, "i": 5, "m": "ping", "f": {"nonce": 9}}
+    canonical = raw_body(header)
+    assert _small_outcome(bytes(canonical), False)[:3] == ("frame", Kind.REQUEST, 5)
+    # The same header with the request id as an int64 and the keys in another order: valid.
+    wide = canonical.replace(b"\xa1i\x05", b"\xa1i\xd3" + (5).to_bytes(8, "big"))
+    for body in (wide, raw_body(dict(reversed(header.items())))):
+        assert _small_outcome(bytes(body), False)[:3] == ("frame", Kind.REQUEST, 5)
+    # A request id past 2**63 - 1 as a uint64: refused by the general checks.
+    big = canonical.replace(b"\xa1i\x05", b"\xa1i\xcf" + (2**63).to_bytes(8, "big"))
+    assert _small_outcome(bytes(big), False)[:2] == ("error", "bad_header")
+
+
+def test_small_frame_building_keeps_every_check() -> None:
+    codec = Codec(REGISTRY.extend([Checked]), LIMITS)
+    header = {"v": PROTOCOL_VERSION, "k": 0, "i": 0, "m": "test_checked", "f": {"count": -1}}
+    with pytest.raises(FrameError, match="count must be >= 0"):  # its __post_init__ ran
+        codec.decode(raw_body(header))
+    for value, text in ((True, "expected int, got bool"), (1.0, "expected int, got float")):
+        header["m"], header["f"] = "ping", {"nonce": value}
+        with pytest.raises(FrameError, match=text):
+            codec.decode(raw_body(header))
+    for bad in (Ping(True), Ping(2**64), Ping("1")):  # type: ignore[arg-type]
+        with pytest.raises(FrameError, match="ping.nonce"):
+            codec.encode(Kind.REQUEST, 1, bad)
+    # An int subclass is sent as the int it is (the general check converts it).
+    frame = codec.decode(bytearray(codec.encode(Kind.REQUEST, 1, Ping(Kind.END))[0][4:]))
+    assert frame.message == Ping(5) and type(frame.message.nonce) is int
+    assert codec.encode_fields(Kind.REPLY, 3, Pong, {"nonce": 7}) == encode_frame_bytes(
+        Frame(Kind.REPLY, 3, Pong(7)), LIMITS
+    )

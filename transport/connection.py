@@ -659,9 +659,12 @@ class Connection(asyncio.BufferedProtocol):
         """Everything but replies, which buffer_updated resolves itself."""
         kind, rid, msg = frame
         if kind is _REQUEST and isinstance(msg, Ping):
-            # Answered here, inline (_write_quietly's job): the round-trip path.
+            # Answered here, inline (_write_quietly's job), with the checked nonce as the pong's
+            # only field: the round-trip path.
             if self._state == OPEN and self._transport is not None:
-                self._transport.write(self._codec.encode_small(_REPLY, rid, Pong(msg.nonce)))  # type: ignore[arg-type]
+                self._transport.write(
+                    self._codec.encode_fields(_REPLY, rid, Pong, {"nonce": msg.nonce})
+                )
         elif kind is _ITEM or kind is _END:
             if (kind is _END) != isinstance(msg, (StreamEnd, Error)):
                 self._violation(

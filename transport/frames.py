@@ -229,7 +229,7 @@ class Codec:
         self._max_small = min(limits.max_header, limits.max_frame)  # a frame without tensors
         self._recent: list[_Header] = []  # headers of recent large frames, newest first
         self._named: dict[str, bytes] = {}  # packed "m" entry and "f" key, by message name
-        self._plain_types: dict[type, _PlainType] = {}  # see encode_small
+        self._plain_types: dict[type, _PlainType | None] = {}  # see encode_small
         # Packed "m" entry and "f" key -> type, for names packed as fixstr (see decode).
         self._named_types: dict[bytes, MessageSchema] = {
             self._name_bytes(schema): schema
@@ -313,11 +313,11 @@ class Codec:
     def encode_small(self, kind: Kind, request_id: int, message: Message) -> bytes | None:
         """The whole frame of a message type without tensor fields, as one bytes object;
         None for types with tensor fields (use `encode`)."""
-        known = self._plain_types.get(type(message))
-        if known is None:
+        known = self._plain_types.get(type(message), _UNSEEN)
+        if known is _UNSEEN:
             known = self._plain_type(message)
-            if known is None:
-                return None
+        if known is None:
+            return None
         fast, named, schema = known
         plain = fast(message) if fast is not None else None
         if plain is None:  # the general checks convert it or say why not
@@ -338,10 +338,10 @@ class Codec:
         schema = getattr(message, "__sled_schema__", None)
         if schema is None or schema.cls is not type(message):
             schema = schema_of(message)  # raises the TypeError that explains it
-        if schema.tensor_fields:
-            return None
-        known = (schema.fast_plain, self._name_bytes(schema), schema)
-        self._plain_types[schema.cls] = known  # bounded by the registered types
+        known = (
+            None if schema.tensor_fields else (schema.fast_plain, self._name_bytes(schema), schema)
+        )
+        self._plain_types[schema.cls] = known  # bounded by the message types sent
         return known
 
     def _name_bytes(self, schema: MessageSchema) -> bytes:
@@ -350,6 +350,14 @@ class Codec:
         if named is None:
             named = self._named[schema.name] = b"\xa1m" + self._packer.pack(schema.name) + b"\xa1f"
         return named
+
+    def encode_fields(
+        self, kind: Kind, request_id: int, cls: type[Message], plain: dict[str, object]
+    ) -> bytes:
+        """The frame of a `cls` message (a type without tensor fields) given its plain fields
+        already checked and msgpack-ready, without building the message: for answers made of
+        checked input (the connection's pong echoes a decoded ping's nonce)."""
+        return self._small_frame(kind, request_id, self._name_bytes(cls.__sled_schema__), plain)
 
     def _small_frame(
         self, kind: Kind, request_id: int, named: bytes, plain: dict[str, object]
@@ -521,6 +529,9 @@ class Codec:
 _PlainType: TypeAlias = tuple[
     Callable[[Message], dict[str, object] | None] | None, bytes, MessageSchema
 ]
+
+
+_UNSEEN: Final[Any] = object()  # a message type encode_small has not looked at yet
 
 
 class _Header(NamedTuple):

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import os
 import re
 import socket
 import sys
@@ -435,7 +436,11 @@ class Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=self.config.write_high, low=self.config.write_low)
         sock = transport.get_extra_info("socket")
         if sys.platform == "linux" and sock is not None and sock.type == socket.SOCK_STREAM:
-            self._socket = sock
+            # Our own socket object on a duplicate descriptor (closed with the connection, see
+            # _drop_socket): setting an option through the transport's pseudo-socket builds a
+            # socket object and calls getsockname every time, twice per large frame.
+            with contextlib.suppress(OSError):
+                self._socket = socket.socket(fileno=os.dup(sock.fileno()))
         self._last_rx = self._loop.time()
         self._timers.append(
             self._loop.call_later(self.config.timing.handshake_timeout, self._handshake_expired)
@@ -494,9 +499,16 @@ class Connection(asyncio.BufferedProtocol):
         try:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
         except OSError:  # not supported here: read as data comes
-            self._socket = None
+            self._drop_socket()
             return
         self._rcvlowat = nbytes
+
+    def _drop_socket(self) -> None:
+        """Closes our duplicate descriptor: before the transport closes its own (so that the
+        peer sees the close or reset then, not when we let go), or once it has."""
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
 
     def _still_receiving(self) -> bool:
         """While we wait for a large frame's bytes (SO_RCVLOWAT above 1) no read counts as the
@@ -535,6 +547,7 @@ class Connection(asyncio.BufferedProtocol):
                 f"connection to {self.address} lost ({detail})"
             )
         self._state = CLOSED
+        self._drop_socket()
         self._fail_waiters(self._close_error)
         for task in list(self._tasks.values()) + list(self._notify_tasks.values()):
             task.cancel()
@@ -899,6 +912,7 @@ class Connection(asyncio.BufferedProtocol):
         if send is not None and not abort:
             with contextlib.suppress(FrameError, RuntimeError):
                 self._transport.writelines(self._codec.encode(_NOTIFY, 0, send))
+        self._drop_socket()
         if abort:
             self._transport.abort()
         else:

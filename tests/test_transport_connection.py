@@ -38,7 +38,16 @@ from transport.frames import (
     decode_body,
     encode_frame_bytes,
 )
-from transport.messages import CORE_MESSAGES, Error, Load, Ping, Pong, Tokens
+from transport.messages import (
+    CORE_MESSAGES,
+    Cancel,
+    Error,
+    Heartbeat,
+    Load,
+    Ping,
+    Pong,
+    Tokens,
+)
 from transport.runtime import run
 from transport.schema import Message
 
@@ -410,3 +419,30 @@ def test_transport_errors_share_a_base() -> None:
         UnexpectedReplyError,
     ):
         assert issubclass(error, TransportError)
+
+
+async def test_a_ping_that_times_out_or_is_cancelled_leaves_nothing_behind(
+    server: tuple[Server, Listener],
+) -> None:
+    _, listener = server
+    conn = await dial(listener)
+    (accepted,) = listener.connections
+    seen: list[Frame] = []
+    dispatch = accepted._dispatch
+    accepted._dispatch = seen.append  # type: ignore[method-assign]  # answers nothing
+    with pytest.raises(TimeoutError):
+        await conn.ping(timeout=0.1)
+    task = asyncio.ensure_future(conn.ping())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert conn._pending == {}
+    # The peer saw both pings (the request id as nonce), then a cancel for each.
+    seen = [f for f in seen if not isinstance(f.message, Heartbeat)]
+    kinds = [(f.kind, type(f.message)) for f in seen]
+    assert kinds == [(Kind.REQUEST, Ping), (Kind.NOTIFY, Cancel)] * 2
+    assert [f.message.nonce for f in seen[::2]] == [f.request_id for f in seen[::2]]
+    accepted._dispatch = dispatch  # type: ignore[method-assign]
+    assert await conn.ping() > 0

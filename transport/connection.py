@@ -369,8 +369,7 @@ class Connection(asyncio.BufferedProtocol):
                 await self._wait_writable()
             reply = await (future if timeout is None else asyncio.wait_for(future, timeout))
         except BaseException:
-            if self._pending.pop(rid, None) is not None and sent:
-                self._cancel_remote(rid)
+            self._abandon(rid, sent)
             raise
         if type(reply) is not expect:
             if isinstance(reply, Error) and expect is not Error:
@@ -391,13 +390,39 @@ class Connection(asyncio.BufferedProtocol):
         await self._send(_NOTIFY, 0, msg)
 
     async def ping(self, timeout: float | None = None) -> float:
-        """Round-trip time in seconds of a ping answered by the peer's connection itself."""
+        """Round-trip time in seconds of a ping answered by the peer's connection itself.
+
+        `request(Ping(nonce), Pong)` with the request id as nonce, written from its one field
+        (no Ping object, no generic encode) and in this coroutine (no second one): pings
+        measure the round trip and probe liveness, so they take the shortest path.
+        """
         start = time.perf_counter()
-        nonce = next(self._ids)
-        pong = await self.request(Ping(nonce), Pong, timeout=timeout)
-        if pong.nonce != nonce:
-            raise UnexpectedReplyError(f"{self.address} answered ping {nonce} with {pong.nonce}")
+        rid = next(self._ids)
+        future: asyncio.Future[Message] = self._loop.create_future()
+        self._pending[rid] = future
+        sent = False
+        try:
+            if self._state != OPEN or self._transport is None:
+                raise self._not_open()
+            self._transport.write(self._codec.encode_fields(_REQUEST, rid, Ping, {"nonce": rid}))
+            sent = True
+            if not self._can_write:
+                await self._wait_writable()
+            reply = await (future if timeout is None else asyncio.wait_for(future, timeout))
+        except BaseException:
+            self._abandon(rid, sent)
+            raise
+        if type(reply) is not Pong or reply.nonce != rid:
+            if isinstance(reply, Error):
+                raise RemoteError(reply.code, reply.text)
+            raise UnexpectedReplyError(f"{self.address} answered ping {rid} with {reply}")
         return time.perf_counter() - start
+
+    def _abandon(self, rid: int, sent: bool) -> None:
+        """A request given up before its reply (cancelled, timed out, failed): forget it and,
+        if it went out, tell the peer to stop working on it."""
+        if self._pending.pop(rid, None) is not None and sent:
+            self._cancel_remote(rid)
 
     async def close(self, reason: str = "closed locally", timeout: float = 1.0) -> None:
         """Flushes what was written, then closes; aborts if the peer does not read in time."""

@@ -905,9 +905,11 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
+        if not self._reading_paused:  # the usual case for the call after a large frame
+            return
         if len(self._tasks) + len(self._notify_tasks) >= self.config.max_inflight:
             return  # still saturated: the last handler to finish resumes
-        if self._reading_paused and self._transport is not None and self._state == OPEN:
+        if self._transport is not None and self._state == OPEN:
             self._reading_paused = False
             self._last_rx = self._loop.time()  # we were not listening: no silence to count
             self._transport.resume_reading()

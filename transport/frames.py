@@ -357,7 +357,14 @@ class Codec:
         """The frame of a `cls` message (a type without tensor fields) given its plain fields
         already checked and msgpack-ready, without building the message: for answers made of
         checked input (the connection's pong echoes a decoded ping's nonce)."""
-        return self._small_frame(kind, request_id, self._name_bytes(cls.__sled_schema__), plain)
+        named = self._named.get(cls.__sled_schema__.name)
+        if named is None:
+            named = self._name_bytes(cls.__sled_schema__)
+        pack = self._packer.pack  # _small_frame, inlined (round-trip path)
+        packed = b"".join((_PLAIN_HEADS[kind], pack(request_id), named, pack(plain)))
+        if len(packed) > self._max_small:
+            self._refuse_small(len(packed))
+        return PREFIX.pack(len(packed)) + packed
 
     def _small_frame(
         self, kind: Kind, request_id: int, named: bytes, plain: dict[str, object]

@@ -384,7 +384,7 @@ class MessageSchema:
     table: FieldTable
     tensor_fields: tuple[FieldSpec, ...]
     tensor_names: frozenset[str]
-    # Number of fields once all are given, when instances may then be made by setting their
+    # Number of fields once all are given, when instances may then be made by filling their
     # __dict__ (see `_direct`); -1 when they must go through the class.
     direct_fields: int = -1
     # For types whose fields are all plain scalars (see `_compile_fast`): the message from
@@ -436,7 +436,7 @@ class MessageSchema:
         if len(values) == self.direct_fields:
             # Every field given and checked: what the generated __init__ would store.
             msg = _new_object(self.cls)
-            _set_attribute(msg, "__dict__", values)
+            msg.__dict__.update(values)
             return msg
         try:
             return self.cls(**values)
@@ -473,12 +473,11 @@ def message(name: str) -> Callable[[type[M]], type[M]]:
 
 
 _new_object = object.__new__
-_set_attribute = object.__setattr__
 
 
 def _direct(cls: type) -> bool:
-    """True when setting an instance's __dict__ to its checked field values builds it exactly
-    as `cls(**values)` would: dataclass's own generated __init__ (its code comes from a
+    """True when filling a new instance's __dict__ with its checked field values builds it
+    exactly as `cls(**values)` would: dataclass's own generated __init__ (its code comes from a
     string), every field an init field, no __post_init__, and instances with a __dict__."""
     init = getattr(cls.__init__, "__code__", None)  # type: ignore[misc]
     return (
@@ -504,7 +503,6 @@ def _compile_fast(
     namespace: dict[str, object] = {
         "cls": cls,
         "new": _new_object,
-        "set_attribute": _set_attribute,
         "MIN": _INT_MIN,
         "END": _INT_END,
     }
@@ -523,7 +521,10 @@ def _compile_fast(
             *(f"        v{i} = f.get({name!r}, {missing})" for i, name in enumerate(names)),
             f"        if {ok}:",
             "            m = new(cls)",
-            f"            set_attribute(m, '__dict__', {values})",
+            # Item by item into the instance's own (key-sharing) dict, in field order, as the
+            # generated __init__ stores them: a third cheaper than assigning a new __dict__.
+            *(["            d = m.__dict__"] if names else []),
+            *(f"            d[{name!r}] = v{i}" for i, name in enumerate(names)),
             "            return m",
             "    return None",
             "def fast_plain(m):",

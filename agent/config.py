@@ -57,7 +57,9 @@ class NodeConfig:
     memory_budget: int | None = None  # None: the memory available at start
     role: str = "auto"
     backend: str = "torch"
-    weights: str = "bf16"
+    # The GGUF's own 4-bit blocks on the VNNI kernel: the fastest format here both for decode and
+    # for verify passes up to 16 sessions x 3 tokens (bench/speculative.py's cost table).
+    weights: str = "int4"
     threads: int = 0  # 0: all cores
     max_sessions: int = 8  # KV-cache slots of a model this node holds
     max_queue: int = 16  # sessions waiting for a slot before requests get 429

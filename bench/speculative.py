@@ -11,13 +11,14 @@ drafter process shares the second core.
    verifier's core); the verifier format is chosen from it for batched verification.
 (b) Single session: tokens/s after the first token, target-only (the format fastest for one
    token) vs speculative per drafter kind, greedy and temperature 0.7, over the mixed prompt
-   set in bench/speculative_prompts.json; acceptance rates; greedy text checked against
-   target-only on the verifier's format. llama.cpp target-only vs its own prompt lookup on the
-   same prompt ids, same core, for reference.
+   set in bench/speculative_prompts.json (every set-up up at once and asked in turn, prompt
+   by prompt, so other load on the machine falls on all alike); acceptance rates; greedy text
+   checked against target-only on the verifier's format. llama.cpp target-only vs its own
+   prompt lookup on the same prompt ids, same core, for reference.
 (a) Capacity: 1..16 concurrent sessions, each drafted on its own drafter process, verified in
    batches; the same sessions verified one by one; a centralized server drafting and verifying
    every session itself. Aggregate tokens/s, p50/p95 per-token latency, and the sessions each
-   sustains within a latency bound (2x the single-session target-only per-token latency).
+   sustains within a latency bound (2x the SLED verifier's one-session p50 per-token latency).
 (c) Memory: one verifier's target for all sessions vs a target per device (peak RSS).
 
 The last line is JSON: {"speedup": {KIND: R}, "speedup_code_edit": {KIND: R},
@@ -214,8 +215,10 @@ def run_requests(
     max_tokens: int,
     temperature: float,
     concurrent: bool,
+    first_seed: int = 0,
 ) -> tuple[list[Reply], float]:
-    """Replies to the prompts (all at once, or one after another) and the wall time."""
+    """Replies to the prompts (all at once, or one after another) and the wall time; prompt i
+    is sampled with seed first_seed + i."""
 
     async def go() -> tuple[list[Reply], float]:
         timeout = aiohttp.ClientTimeout(total=3600)
@@ -224,13 +227,13 @@ def run_requests(
             if concurrent:
                 replies = await asyncio.gather(
                     *(
-                        ask(http, api, p, max_tokens, temperature, seed=i)
+                        ask(http, api, p, max_tokens, temperature, seed=first_seed + i)
                         for i, p in enumerate(prompts)
                     )
                 )
             else:
                 replies = [
-                    await ask(http, api, p, max_tokens, temperature, seed=i)
+                    await ask(http, api, p, max_tokens, temperature, seed=first_seed + i)
                     for i, p in enumerate(prompts)
                 ]
             return list(replies), time.perf_counter() - start
@@ -338,33 +341,45 @@ def single_session(
             0,
             "",
         )
-    out: dict[str, Any] = {}
-    for kind in [
+    order = [
         "target",
         *kinds,
         *(["target_verifier_format"] if "target_verifier_format" in configs else []),
-    ]:
-        options, drafters, drafter = configs[kind]
-        cluster = start_cluster(f"single-{kind}", root, options, drafters, drafter, drafter_weights)
-        try:
+    ]
+    clusters: dict[str, Cluster] = {}
+    out: dict[str, Any] = {}
+    try:
+        for kind in order:  # all set-ups up at once; only the one being asked does any work
+            options, drafters, drafter = configs[kind]
+            cluster = start_cluster(
+                f"single-{kind}", root, options, drafters, drafter, drafter_weights
+            )
+            clusters[kind] = cluster
             run_requests(cluster.verifier.api, prompts[:1], 8, 0.0, concurrent=False)  # warm-up
             cluster.pin()
-            per_temp = {}
-            for temperature in temperatures:
-                replies, _ = run_requests(
-                    cluster.verifier.api, prompts, max_tokens, temperature, concurrent=False
-                )
-                per_temp[str(temperature)] = replies
+        for temperature in temperatures:
+            replies: dict[str, list[Reply]] = {kind: [] for kind in order}
+            # Prompt by prompt, every set-up in turn: load from other work on the machine falls
+            # on all of them alike instead of on whichever set-up was running at the time.
+            for i, prompt in enumerate(prompts):
+                for kind in order:
+                    got, _ = run_requests(
+                        clusters[kind].verifier.api, [prompt], max_tokens, temperature, False, i
+                    )
+                    replies[kind] += got
+            for kind in order:
+                out.setdefault(kind, {})[str(temperature)] = replies[kind]
                 print(
-                    f"[single {kind} T={temperature}] {tokens_per_s(replies):.2f} tok/s, "
-                    f"acceptance {acceptance(replies):.2f}, "
-                    f"{tokens_per_step(replies):.2f} tokens/step",
+                    f"[single {kind} T={temperature}] {tokens_per_s(replies[kind]):.2f} tok/s, "
+                    f"acceptance {acceptance(replies[kind]):.2f}, "
+                    f"{tokens_per_step(replies[kind]):.2f} tokens/step",
                     file=sys.stderr,
                 )
-            out[kind] = per_temp
+        for kind, cluster in clusters.items():
             cluster.record_rss()
             out[kind + "_rss_mb"] = dict(cluster.rss_mb)
-        finally:
+    finally:
+        for cluster in clusters.values():
             cluster.down()
     return out
 

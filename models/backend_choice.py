@@ -27,13 +27,14 @@ from models.weight_cache import file_digest
 
 Purpose = Literal["decode", "verify"]
 CANDIDATES: tuple[tuple[str, str], ...] = (
+    ("torch", "int4"),
     ("torch", "bf16"),
     ("torch", "int8"),
     ("onnx", "int4"),
 )
 PROBE_KS = (1, 2, 4, 8, 16)
 PROBE_PREFILL = 64
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: torch int4 (the VNNI kernel) is a candidate
 
 
 @dataclass(frozen=True)

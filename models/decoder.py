@@ -37,6 +37,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * weight).to(x.dtype)
 
 
+def gqa_mask(mask: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A [B, 1, T, S] mask with its rows tiled for the grouped query layout `Block` attends in."""
+    return mask.repeat(1, 1, config.n_heads // config.n_kv_heads, 1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Half-split rotary embedding; x [B, H, T, D], cos/sin [B, 1, T, D]."""
     half = x.shape[-1] // 2
@@ -97,11 +102,9 @@ class Block(nn.Module):
         keys = torch.cat([past_k, k], dim=2)
         values = torch.cat([past_v, v], dim=2)
         # GQA without repeating K/V: the rep query heads that share a kv head become rep * T
-        # query rows of one attention problem (mask rows tiled to match).
+        # query rows of one attention problem (`mask` comes with its rows tiled: `gqa_mask`).
         qg = q.reshape(bsz, kvh, rep * t, hd)
-        attn = F.scaled_dot_product_attention(
-            qg, keys, values, attn_mask=mask.repeat(1, 1, rep, 1), scale=self.scale
-        )
+        attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
         attn = attn.reshape(bsz, h, t, hd).transpose(1, 2).reshape(bsz, t, h * hd)
         out = self.wo(attn)
         if self.post_norms:
@@ -166,6 +169,8 @@ class DecoderCore(nn.Module):
         apply_head: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.embed(x, cos.dtype) if self.first else x
+        # Mask rows tiled for grouped-query attention once per pass, not once per layer.
+        mask, mask_local = gqa_mask(mask, self.config), gqa_mask(mask_local, self.config)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from models.backend import Backend, load_backend
 from models.batch_inputs import batch_inputs
 from models.config import ModelConfig
-from models.decoder import Block, rms_norm
+from models.decoder import Block, gqa_mask, rms_norm
 from models.drafter_cli import (
     DEFAULT_LAYERS,
     DEFAULT_MAX_NEW,
@@ -305,7 +305,7 @@ class DrafterNet(nn.Module):
         )
         c = self.config
         empty = torch.zeros(b, c.n_kv_heads, 0, c.head_dim)
-        out, _, _ = self.block(x, cos, sin, mask, empty, empty)
+        out, _, _ = self.block(x, cos, sin, gqa_mask(mask, c), empty, empty)
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

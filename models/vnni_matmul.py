@@ -28,6 +28,10 @@ ROWS = 16
 GROUP = 32
 SOURCE = Path(__file__).with_name("vnni_matmul.cpp")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
+# at::parallel_for is OpenMP code inlined into the extension: without -fopenmp it runs on one
+# thread. Linking libgomp.so.1 resolves to the copy torch has already loaded (same soname), so
+# the kernel shares torch's thread pool and thread count.
+OPENMP = ["-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 
 
@@ -50,7 +54,9 @@ def _cpu_flags() -> set[str]:
 
 def kernel_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    flags = " ".join(CFLAGS + OPENMP).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags + torch.__version__.encode()).hexdigest()
+    digest = digest[:16]
     return Path(base) / "sled" / "kernels" / f"vnni_matmul-{digest}"
 
 
@@ -74,7 +80,8 @@ def kernel_status() -> KernelStatus:
         cpp_extension.load(
             name="sled_vnni_matmul",
             sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
+            extra_cflags=CFLAGS + OPENMP,
+            extra_ldflags=OPENMP,
             build_directory=str(build),
             is_python_module=False,
             verbose=False,

@@ -60,6 +60,19 @@ def kernel_dir() -> Path:
     return Path(base) / "sled" / "kernels" / f"vnni_matmul-{digest}"
 
 
+def _put_ninja_on_path() -> None:
+    """The `ninja` package (a dependency) installs its binary beside this interpreter's scripts,
+    which are not on PATH when sled runs from a virtualenv that was never activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = str(getattr(ninja, "BIN_DIR", ""))
+    path = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+
+
 @cache
 def kernel_status() -> KernelStatus:
     """Build (first time on this machine) and load the kernel; never raises."""
@@ -68,6 +81,7 @@ def kernel_status() -> KernelStatus:
     missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
     if missing:
         return KernelStatus(False, f"CPU lacks {', '.join(missing)}")
+    _put_ninja_on_path()
     if shutil.which("g++") is None or shutil.which("ninja") is None:
         return KernelStatus(False, "g++ and ninja are needed to build it")
     try:

@@ -9,7 +9,7 @@
   and the output head become 8-bit. Re-quantizing floats to 4 bits was measured to lose too much
   (Gemma 3 270M: 78% top-1 agreement with fp32, perplexity 9.84 vs 7.42), so int4 never
   re-quantizes. Two kernels: sled's AVX-512 VNNI kernel (models/vnni_matmul.py: int8
-  activations per group of 32, 8-bit parts as per-group asymmetric codes) where it builds, else
+  activations per group of 32, 8-bit parts as symmetric codes per group) where it builds, else
   torch's int4 kernel (``aten._weight_int4pack_mm_for_cpu``, bf16 activations) with per-row int8
   (``aten._weight_int8pack_mm``) for the 8-bit parts. The two layouts are cached apart.
 

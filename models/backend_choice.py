@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from models.registry import cache_root
 from models.weight_cache import file_digest
 
 Purpose = Literal["decode", "verify"]
@@ -97,9 +98,8 @@ def time_backend(
 
 
 def probe_path(model_path: Path, threads: int) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     name = f"{file_digest(model_path)}-t{threads}-v{PROBE_VERSION}.json"
-    return Path(base) / "sled" / "probe" / name
+    return cache_root() / "probe" / name
 
 
 def probe_backends(

@@ -34,6 +34,7 @@ from models.batch_inputs import BadBatchError, batch_inputs, prepare_pass, rows_
 from models.config import ModelConfig
 from models.gguf_loader import GGUFFile
 from models.kv_cache import KVCache
+from models.registry import cache_root
 from models.weight_cache import file_digest
 
 ONNX_FORMATS = ("fp32", "int8", "int4")
@@ -50,8 +51,7 @@ log = logging.getLogger(__name__)
 
 
 def default_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sled" / "onnx"
+    return cache_root() / "onnx"
 
 
 def chunk_ranges(layers: tuple[int, int], chunk_layers: int) -> list[tuple[int, int]]:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.registry import cache_root
+
 log = logging.getLogger(__name__)
 
 ROWS = 16
@@ -53,11 +55,10 @@ def _cpu_flags() -> set[str]:
 
 
 def kernel_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     flags = " ".join(CFLAGS + OPENMP).encode()
     digest = hashlib.sha256(SOURCE.read_bytes() + flags + torch.__version__.encode()).hexdigest()
     digest = digest[:16]
-    return Path(base) / "sled" / "kernels" / f"vnni_matmul-{digest}"
+    return cache_root() / "kernels" / f"vnni_matmul-{digest}"
 
 
 def _put_ninja_on_path() -> None:

@@ -23,6 +23,7 @@ import torch
 
 from models.config import ModelConfig
 from models.gguf_loader import GGUFFile
+from models.registry import cache_root
 from models.weight_formats import (
     PackedSegment,
     pack_embedding,
@@ -40,8 +41,7 @@ Part = dict[str, torch.Tensor]
 
 
 def default_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sled" / "weights"
+    return cache_root() / "weights"
 
 
 def file_digest(path: Path) -> str:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 HELDOUT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "speculative_prompts.json"
 DEFAULT_LAYERS = 4
@@ -52,6 +53,19 @@ def add_train_drafter_parser(
     p.add_argument(
         "--data", default=None, help="save the target's text here, or reuse it if present"
     )
+    p.add_argument(
+        "--kind",
+        choices=("trained", "feature"),
+        default="trained",
+        help="trained: first target layers + adapter; feature: drafts from the target's "
+        "features (one block; the verifier sends them)",
+    )
+    p.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=3,
+        help="answers the target writes per training prompt (--kind feature)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_drafter)
     return p
@@ -79,7 +93,12 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     except (RegistryError, OSError) as exc:
         return fail(str(exc))
     name = Path(target_path).name.removesuffix(".gguf")
-    out = Path(args.out) if args.out else default_drafter_path(name)
+    if args.kind == "feature":
+        from models.feature_drafter import default_feature_drafter_path
+
+        out = Path(args.out) if args.out else default_feature_drafter_path(name)
+    else:
+        out = Path(args.out) if args.out else default_drafter_path(name)
     try:
         heldout = heldout_prompts(Path(args.heldout))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -95,17 +114,21 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
+    data = Path(args.data) if args.data else None
+    report: Any
     try:
-        report = train_drafter(
-            Path(target_path),
-            out,
-            options,
-            training_prompts(heldout),
-            heldout,
-            name,
-            say,
-            data_path=Path(args.data) if args.data else None,
-        )
+        if args.kind == "feature":
+            from models.feature_training import train_feature_drafter
+
+            report = train_feature_drafter(
+                Path(target_path), out, options, training_prompts(heldout), heldout, name, say,
+                data_path=data, samples_per_prompt=max(1, args.samples_per_prompt),
+            )  # fmt: skip
+        else:
+            report = train_drafter(
+                Path(target_path), out, options, training_prompts(heldout), heldout, name, say,
+                data_path=data,
+            )  # fmt: skip
     except (ValueError, RuntimeError) as exc:
         return fail(str(exc))
     if args.json:
@@ -113,7 +136,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         return 0
     print(f"drafter saved: {report.path}")
     print(
-        f"agreement with the target on {report.heldout_positions} held-out positions: "
+        f"{args.kind} drafter: agreement with the target on {report.heldout_positions} "
+        "held-out positions: "
         f"{report.agreement:.1%} (untrained: {report.agreement_before:.1%})"
     )
     print(

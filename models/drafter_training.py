@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,6 +90,9 @@ class Sample:
     n_prompt: int
     top_ids: torch.Tensor  # [n_gen, K] int64 target ids
     top_probs: torch.Tensor  # [n_gen, K] float32
+    # The target's final-normed hidden state at every position but the last ([T-1, dim]), kept
+    # when generating for a feature drafter (models/feature_training.py).
+    features: torch.Tensor | None = None
 
     @property
     def n_gen(self) -> int:
@@ -138,6 +142,7 @@ def generate_samples(
     deadline: float = math.inf,
     desc: str = "generate",
     show: bool = True,
+    features: bool = False,
 ) -> list[Sample]:
     """The target's continuations of `prompts`, batched over the backend's free slots.
 
@@ -147,6 +152,7 @@ def generate_samples(
     cache = backend.cache
     pending = deque(enumerate(prompts))
     live: dict[int, tuple[int, list[int], list[torch.Tensor], list[torch.Tensor], int]] = {}
+    feats: dict[int, list[torch.Tensor]] = {}  # slot -> feature rows of the tokens fed so far
     done: list[Sample] = []
     stops = set(stop_ids)
     admit_at = max(1, cache.max_slots // 4)
@@ -155,8 +161,10 @@ def generate_samples(
     def finish(slot: int) -> None:
         index, tokens, ids, probs, n_prompt = live.pop(slot)
         cache.free(slot)
+        rows = feats.pop(slot, [])
         if ids:
-            done.append(Sample(tuple(tokens), n_prompt, torch.stack(ids), torch.stack(probs)))
+            f = torch.cat(rows) if features else None
+            done.append(Sample(tuple(tokens), n_prompt, torch.stack(ids), torch.stack(probs), f))
 
     while (pending or live) and time.monotonic() < deadline:
         free = cache.max_slots - len(cache.slots)
@@ -169,7 +177,15 @@ def generate_samples(
         else:
             slots = list(live)
             inputs = [torch.tensor(live[s][1][-1:], dtype=torch.int64) for s in slots]
-        outs = backend.forward(slots, inputs, last_only=True)
+        if features:
+            forward_features = getattr(backend, "forward_features", None)
+            if forward_features is None:
+                raise ValueError(f"the {backend.name} backend gives no features")
+            outs, rows = forward_features(slots, inputs)
+            for slot, row in zip(slots, rows, strict=True):
+                feats.setdefault(slot, []).append(row)
+        else:
+            outs = backend.forward(slots, inputs, last_only=True)
         for slot, out in zip(slots, outs, strict=True):
             index, tokens, ids, probs, n_prompt = live[slot]
             logits = out[-1]
@@ -353,13 +369,11 @@ def make_examples(
     return out
 
 
-def batches(
-    examples: Sequence[_Example], batch_tokens: int, rng: random.Random
-) -> list[list[_Example]]:
+def batches(examples: Sequence[Any], batch_tokens: int, rng: random.Random) -> list[list[Any]]:
     """Length-sorted groups of about batch_tokens padded tokens, in random order."""
     order = sorted(examples, key=lambda e: e.hidden.shape[0])
-    groups: list[list[_Example]] = []
-    current: list[_Example] = []
+    groups: list[list[Any]] = []
+    current: list[Any] = []
     for e in order:
         if current and (len(current) + 1) * e.hidden.shape[0] > batch_tokens:
             groups.append(current)
@@ -388,23 +402,29 @@ def batch_loss(net: DrafterNet, group: Sequence[_Example]) -> tuple[torch.Tensor
     return loss, hits, int(rows.shape[0])
 
 
-def evaluate(net: DrafterNet, examples: Sequence[_Example], options: TrainOptions) -> float:
+LossFn = Callable[[Any, Sequence[Any]], tuple[torch.Tensor, int, int]]
+
+
+def evaluate(
+    net: nn.Module, examples: Sequence[Any], options: TrainOptions, loss_fn: LossFn = batch_loss
+) -> float:
     """Fraction of teacher rows whose argmax the net predicts (no gradients)."""
     hits = rows = 0
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=options.bf16_autocast):
         for group in batches(examples, options.batch_tokens, random.Random(0)):
-            _, h, n = batch_loss(net, group)
+            _, h, n = loss_fn(net, group)
             hits, rows = hits + h, rows + n
     return hits / max(1, rows)
 
 
 def train_net(
-    net: DrafterNet,
-    examples: Sequence[_Example],
+    net: nn.Module,
+    examples: Sequence[Any],
     deadline: float,
     options: TrainOptions,
     show: bool = True,
     max_epochs: int = 1000,
+    loss_fn: LossFn = batch_loss,
 ) -> tuple[int, float, list[float]]:
     """Train until the deadline (or max_epochs); (steps, epochs, mean loss per epoch).
 
@@ -413,7 +433,7 @@ def train_net(
     rng = random.Random(options.seed)
     val = list(examples[::20]) if len(examples) >= 20 else []
     train = [e for i, e in enumerate(examples) if not val or i % 20]
-    if not options.train_head:
+    if not options.train_head and isinstance(net, DrafterNet):
         # The target's own head rows and final norm stay: the adapter must then produce hidden
         # states the target's head reads correctly (fewer free parameters on little data).
         net.head.requires_grad_(False)
@@ -422,7 +442,10 @@ def train_net(
     opt = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=0.0)
     steps, epoch_losses = 0, []
     epochs = 0.0
-    best = (evaluate(net, val, options), {k: v.clone() for k, v in net.state_dict().items()})
+    best = (
+        evaluate(net, val, options, loss_fn),
+        {k: v.clone() for k, v in net.state_dict().items()},
+    )
     net.train()
     for epoch in range(max_epochs):
         groups = batches(train, options.batch_tokens, rng)
@@ -432,7 +455,7 @@ def train_net(
             if time.monotonic() >= deadline:
                 break
             with torch.autocast("cpu", torch.bfloat16, enabled=options.bf16_autocast):
-                loss, h, n = batch_loss(net, group)
+                loss, h, n = loss_fn(net, group)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -446,7 +469,7 @@ def train_net(
         if done:
             epoch_losses.append(total / done)
         if val and done:
-            score = evaluate(net, val, options)
+            score = evaluate(net, val, options, loss_fn)
             if show:
                 tqdm.write(
                     f"epoch {epoch + 1}: loss {total / done:.3f}, validation agreement {score:.1%}",

@@ -8,7 +8,7 @@ import torch
 
 from models.batch_inputs import BadBatchError, prepare_pass, rows_kept
 from models.config import ModelConfig
-from models.decoder import DecoderCore
+from models.decoder import DecoderCore, rms_norm
 from models.kv_cache import KVCache
 from models.weight_formats import PackedSegment, activation_dtype
 
@@ -43,14 +43,10 @@ class TorchBackend:
     def last(self) -> bool:
         return self.layers[1] == self.config.n_layers
 
-    def forward(
-        self,
-        slots: Sequence[int],
-        inputs: Sequence[torch.Tensor],
-        last_only: bool = False,
-        keep: Sequence[int] | None = None,
-    ) -> list[torch.Tensor]:
-        """One padded pass over several sessions (see models.backend.Backend.forward)."""
+    def _pass(
+        self, slots: Sequence[int], inputs: Sequence[torch.Tensor], apply_head: bool
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The padded pass itself: outputs [B, T, ...] (logits or hidden) and the new counts."""
         if len(slots) != len(inputs):
             raise BadBatchError(f"{len(slots)} slots for {len(inputs)} inputs")
         self.cache.check_room(slots, [int(x.shape[0]) for x in inputs])
@@ -59,14 +55,48 @@ class TorchBackend:
             self.config, self.first, past, inputs, self.dtype, self.rope_freq_factors
         )
         counts, bi = prepared.counts, prepared.inputs
-        x = prepared.x
         with torch.inference_mode():
             past_k, past_v = self.cache.gather(slots, bi.past_len)
             out, new_k, new_v = self.core(
-                x, bi.cos, bi.sin, bi.cos_local, bi.sin_local, bi.mask, bi.mask_local,
-                past_k, past_v, apply_head=not last_only and keep is None,
+                prepared.x, bi.cos, bi.sin, bi.cos_local, bi.sin_local, bi.mask, bi.mask_local,
+                past_k, past_v, apply_head=apply_head,
             )  # fmt: skip
             self.cache.write(slots, new_k, new_v, counts)
+        return out, counts
+
+    def forward_features(
+        self,
+        slots: Sequence[int],
+        inputs: Sequence[torch.Tensor],
+        keep: Sequence[int] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A whole-model pass that also returns the target's features: per session, logits of
+        the last keep[i] rows (default 1) and the final-normed hidden states of every new row
+        [T_i, dim] (activation dtype), i.e. what the output head reads. Feature drafters draft
+        from these (models/feature_drafter.py)."""
+        if not (self.first and self.last):
+            raise BadBatchError("features come from a backend holding the whole model")
+        out, counts = self._pass(slots, inputs, apply_head=False)
+        wanted = rows_kept(counts, keep, keep is None)
+        c = self.config
+        with torch.inference_mode():
+            normed = rms_norm(out, self.core.final_norm, c.norm_eps)
+            features = [normed[i, :n].clone() for i, n in enumerate(counts)]
+            rows = torch.cat([normed[i, n - m : n] for i, (n, m) in enumerate(wanted)])
+            assert self.core.head is not None
+            logits = self.core.head(rows[None])[0].float()
+        return list(logits.split([m for _, m in wanted])), features
+
+    def forward(
+        self,
+        slots: Sequence[int],
+        inputs: Sequence[torch.Tensor],
+        last_only: bool = False,
+        keep: Sequence[int] | None = None,
+    ) -> list[torch.Tensor]:
+        """One padded pass over several sessions (see models.backend.Backend.forward)."""
+        out, counts = self._pass(slots, inputs, apply_head=not last_only and keep is None)
+        with torch.inference_mode():
             if last_only or keep is not None:
                 wanted = rows_kept(counts, keep, last_only)
                 # Only the kept rows go through the head: a verifier needs k+1 rows of a session

@@ -72,7 +72,10 @@ _KINDS: Final = tuple(Kind)
 _KIND_BYTES: Final = tuple(msgpack.packb(int(kind)) for kind in Kind)
 # A frame without tensors starts with one of these: 5 entries, "v": version, "k": kind, "i".
 _PLAIN_HEADS: Final = tuple(_HEADER_START + k + b"\xa1i" for k in _KIND_BYTES)
-_UINT_ENDS: Final = (12, 14, 18)  # where a uint 16, 32, 64 request id at byte 9 ends
+# Request ids packed as msgpack uint 16, 32, 64 (big-endian, after the marker at byte 9).
+_U16: Final = struct.Struct(">H").unpack_from
+_U32: Final = struct.Struct(">I").unpack_from
+_U64: Final = struct.Struct(">Q").unpack_from
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ class Codec:
         self._max_small = min(limits.max_header, limits.max_frame)  # a frame without tensors
         self._recent: list[_Header] = []  # headers of recent large frames, newest first
         self._named: dict[str, bytes] = {}  # packed "m" entry and "f" key, by message name
+        self._named_by_type: dict[type, bytes] = {}  # the same by type (see encode_fields)
         self._plain_types: dict[type, _PlainType | None] = {}  # see encode_small
         # Packed "m" entry and "f" key -> type, for names packed as fixstr (see decode).
         self._named_types: dict[bytes, MessageSchema] = {
@@ -357,9 +361,9 @@ class Codec:
         """The frame of a `cls` message (a type without tensor fields) given its plain fields
         already checked and msgpack-ready, without building the message: for answers made of
         checked input (the connection's pong echoes a decoded ping's nonce)."""
-        named = self._named.get(cls.__sled_schema__.name)
+        named = self._named_by_type.get(cls)
         if named is None:
-            named = self._name_bytes(cls.__sled_schema__)
+            named = self._named_by_type[cls] = self._name_bytes(cls.__sled_schema__)
         pack = self._packer.pack  # _small_frame, inlined (round-trip path)
         packed = b"".join((_PLAIN_HEADS[kind], pack(request_id), named, pack(plain)))
         if len(packed) > self._max_small:
@@ -401,11 +405,14 @@ class Codec:
             first = body[9]
             if first < 0x80:  # positive fixint
                 request_id, at = first, 10
+            elif first == 0xCD:  # uint 16 (ids from 256 on)
+                request_id, at = _U16(body, 10)[0], 12
             elif first == 0xCC:  # uint 8
                 request_id, at = body[10], 11
-            elif 0xCD <= first <= 0xCF:  # uint 16, 32, 64
-                at = _UINT_ENDS[first - 0xCD]
-                request_id = int.from_bytes(body[10:at], "big")
+            elif first == 0xCE:  # uint 32
+                request_id, at = _U32(body, 10)[0], 14
+            elif first == 0xCF and size > 20:  # uint 64 (shorter: not a whole frame)
+                request_id, at = _U64(body, 10)[0], 18
             else:
                 request_id, at = -1, 0
             if 0 <= request_id <= MAX_REQUEST_ID and at + 2 < size:

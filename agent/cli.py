@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft",
         default="none",
         help="speculative decoding in this process with a drafter: none, ngram, model:NAME, "
-        "text:NAME, trained[:PATH] (the single-process baseline of drafting across peers)",
+        "text:NAME, trained[:PATH], feature[:PATH] (the single-process baseline of drafting "
+        "across peers)",
     )
     gen.add_argument("--draft-k", type=int, default=0, help="draft tokens per step (0: adaptive)")
     gen.add_argument("--drafter-backend", choices=["torch", "onnx"], default="torch")

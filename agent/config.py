@@ -208,7 +208,11 @@ FIELDS: Final[tuple[FieldDef, ...]] = (
     FieldDef("max_queue", _integer, "sessions waiting for a batch place before 429"),
     FieldDef("max_len", _integer, "tokens per session, prompt and reply together"),
     FieldDef("replicas", _integer, "nodes holding each model when enough can"),
-    FieldDef("drafter", _text, "drafter: none, ngram, model:NAME, text:NAME, trained[:PATH]"),
+    FieldDef(
+        "drafter",
+        _text,
+        "drafter: none, ngram, model:NAME, text:NAME, trained[:PATH], feature[:PATH]",
+    ),
     FieldDef("speculative", _boolean, "verify drafts when this node holds a model"),
     FieldDef("draft_k", _integer, "draft tokens per verify step (0: adaptive)"),
     FieldDef("drafter_backend", _text, "execution backend of a model drafter: torch, onnx"),

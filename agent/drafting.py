@@ -5,7 +5,9 @@ The verifier drives every session (agent/engine.py); for each one it holds a `Dr
   here shares the verifier's cores: the centralized set-up);
 - `RemoteDraftChannel`: a drafter on another node, asked with one `DraftRequest` per draft. The
   request carries only the tokens the drafter does not have yet (`keep` + delta), and the reply
-  the draft tokens with their sparse proposal distribution.
+  the draft tokens with their sparse proposal distribution. A feature drafter (drafting from the
+  target's final-normed hidden states, models/feature_drafter.py) also gets the features of
+  the positions it lacks: the verifier computed them in its passes anyway.
 A channel that fails (the drafter died, refused, or sent a draft that does not check out)
 raises `DraftFailed`; the verifier then drafts elsewhere or verifies without a draft. Drafts
 never decide text, verification does, so no token changes when a drafter disappears.
@@ -14,7 +16,8 @@ never decide text, verification does, so no token changes when a drafter disappe
 single worker thread (a device drafts one thing at a time). After each reply it drafts ahead:
 it assumes its draft is accepted, guesses the token after it, and drafts the next k tokens, so
 when the verifier's next request matches the guess the reply is immediate (drafting overlaps
-verification, as in SpecEdge's proactive drafting).
+verification, as in SpecEdge's proactive drafting). Feature sessions do not draft ahead: the
+guessed continuation has no target features until the verifier has read it.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
 
 from agent.wire import (
     BAD_SESSION,
+    MISSING_FEATURES,
     NOT_DRAFTING,
     UNKNOWN_DRAFT_SESSION,
     DraftClose,
@@ -40,6 +44,7 @@ from agent.wire import (
     DraftRequest,
 )
 from models.drafters import Drafter, DraftSession
+from models.feature_drafter import MissingFeaturesError, check_features
 from models.sampling import InvalidSamplingParamsError, SamplingParams
 from models.speculative import BadDraftError, Draft, check_draft, common_prefix
 from transport.connection import Connection, Context, Refused
@@ -59,13 +64,65 @@ class DraftFailed(Exception):
 
 
 class DraftChannel(Protocol):
+    """One session's drafter. When `uses_features`, `propose` needs `features`: the target's
+    features for positions 0..len(committed)-2 (the channel sends only what its drafter
+    lacks); other channels are called without them."""
+
     kind: str
     node: str  # the node drafting ("" for this one)
     remote: bool
+    uses_features: bool
 
-    async def propose(self, committed: Sequence[int], k: int) -> Draft: ...
+    async def propose(
+        self, committed: Sequence[int], k: int, features: torch.Tensor | None = None
+    ) -> Draft: ...
 
     async def close(self) -> None: ...
+
+
+class FeatureDraftSession(Protocol):
+    """A draft session that drafts from target features (models.feature_drafter.FeatureSession):
+    `held` positions' features it has; `features` cover features_from..len(committed)-2."""
+
+    kind: str
+    uses_features: bool
+
+    @property
+    def held(self) -> int: ...
+
+    def propose(
+        self,
+        committed: Sequence[int],
+        k: int,
+        features: torch.Tensor | None = None,
+        features_from: int = 0,
+    ) -> Draft: ...
+
+    def close(self) -> None: ...
+
+
+def uses_features(thing: object) -> bool:
+    """Whether a drafter, session or channel drafts from target features."""
+    return bool(getattr(thing, "uses_features", False))
+
+
+def propose_with_features(
+    session: DraftSession, committed: Sequence[int], k: int, features: torch.Tensor | None
+) -> Draft:
+    """A draft from a session, giving a feature session the rows it lacks (all of them when
+    what it holds does not fit `committed`)."""
+    if not uses_features(session):
+        return session.propose(committed, k)
+    fs = cast(FeatureDraftSession, session)
+    if features is None:
+        raise MissingFeaturesError(f"a {fs.kind} drafter needs the target's features")
+    start = min(fs.held, int(features.shape[0]))
+    try:
+        return fs.propose(committed, k, features[start:], start)
+    except MissingFeaturesError:
+        if start == 0:
+            raise
+        return fs.propose(committed, k, features, 0)
 
 
 class LocalDraftChannel:
@@ -78,15 +135,20 @@ class LocalDraftChannel:
     ) -> None:
         self.kind = session.kind
         self.node = node
+        self.uses_features = uses_features(session)
         self._session = session
         self._executor = executor
 
-    async def propose(self, committed: Sequence[int], k: int) -> Draft:
+    async def propose(
+        self, committed: Sequence[int], k: int, features: torch.Tensor | None = None
+    ) -> Draft:
         try:
             if self._executor is None:
-                return self._session.propose(committed, k)
+                return propose_with_features(self._session, committed, k, features)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._session.propose, committed, k)
+            return await loop.run_in_executor(
+                self._executor, propose_with_features, self._session, committed, k, features
+            )
         except Exception as exc:  # a drafter bug must not take the session down
             log.exception("local %s drafter failed", self.kind)
             raise DraftFailed(f"local {self.kind} drafter failed: {exc}") from exc
@@ -112,9 +174,11 @@ class RemoteDraftChannel:
         params: SamplingParams,
         vocab_size: int,
         timeout: float = DRAFT_TIMEOUT_S,
+        uses_features: bool = False,
     ) -> None:
         self.kind = "remote"  # replaced by the drafter's own kind after its first reply
         self.node = node
+        self.uses_features = uses_features  # the drafter node advertises a feature drafter
         self._conn = conn
         self._session_id = session_id
         self._model = model
@@ -122,19 +186,29 @@ class RemoteDraftChannel:
         self._vocab = vocab_size
         self._timeout = timeout
         self._held: list[int] = []  # what the drafter holds for this session
+        self._features_held = 0  # positions whose features it holds (a prefix of _held's)
 
-    async def propose(self, committed: Sequence[int], k: int) -> Draft:
+    async def propose(
+        self, committed: Sequence[int], k: int, features: torch.Tensor | None = None
+    ) -> Draft:
+        if self.uses_features and (features is None or features.shape[0] != len(committed) - 1):
+            raise DraftFailed(
+                f"{self.node} drafts from target features; got "
+                f"{None if features is None else tuple(features.shape)} for {len(committed)} tokens"
+            )
         keep = common_prefix(self._held, committed)
         try:
             try:
-                reply = await self._ask(committed, keep, k)
+                reply = await self._ask(committed, keep, k, features)
             except RemoteError as exc:
-                if exc.code != UNKNOWN_DRAFT_SESSION or keep == 0:
+                if exc.code not in (UNKNOWN_DRAFT_SESSION, MISSING_FEATURES) or keep == 0:
                     raise
-                reply = await self._ask(committed, 0, k)  # it restarted or dropped the session
+                # It restarted or dropped the session: everything again, features from 0.
+                reply = await self._ask(committed, 0, k, features)
         except RemoteError as exc:
             raise DraftFailed(f"{self.node} refused to draft: {exc.code}: {exc.text}") from exc
         self._held = list(committed)
+        self._features_held = len(committed) - 1 if self.uses_features else 0
         try:
             draft = _draft_of(reply)
             check_draft(draft, self._vocab)
@@ -148,8 +222,14 @@ class RemoteDraftChannel:
         self.kind = draft.kind or self.kind
         return draft
 
-    async def _ask(self, committed: Sequence[int], keep: int, k: int) -> DraftReply:
+    async def _ask(
+        self, committed: Sequence[int], keep: int, k: int, features: torch.Tensor | None
+    ) -> DraftReply:
         p = self._params
+        rows = None
+        if self.uses_features and features is not None:
+            # The positions the drafter lacks: what it holds stands only under the kept tokens.
+            rows = features[min(self._features_held, keep) :].contiguous()
         request = DraftRequest(
             session_id=self._session_id,
             model=self._model,
@@ -160,6 +240,7 @@ class RemoteDraftChannel:
             top_p=p.top_p,
             top_k=p.top_k,
             seed=p.seed,
+            features=rows,
         )
         try:
             return await self._conn.request(request, DraftReply, timeout=self._timeout)
@@ -275,6 +356,7 @@ class DrafterService:
             params = SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed)
         except InvalidSamplingParamsError as exc:
             raise Refused(BAD_SESSION, str(exc)) from exc
+        features = _features_of(drafter, msg)
         self.requests += 1
         state = self._sessions.get(key)
         if state is not None and state.params != params:
@@ -293,23 +375,46 @@ class DrafterService:
             committed = state.committed[: msg.keep] + [int(t) for t in tokens]
             if not committed:
                 raise Refused(BAD_SESSION, "nothing to draft after: the sequence is empty")
+            if features is not None and features.shape[0] > len(committed) - 1:
+                raise Refused(
+                    BAD_SESSION,
+                    f"{features.shape[0]} feature rows for a session of {len(committed)} tokens",
+                )
             state.committed = committed
             state.last_used = time.monotonic()
             draft = await self._ahead_draft(state, committed, msg.k)
             if draft is None:
                 try:
-                    draft = await self._run(state.session.propose, committed, msg.k)
+                    draft = await self._run(
+                        self._propose, state.session, committed, msg.k, features
+                    )
+                except MissingFeaturesError as exc:  # the verifier resends them all from 0
+                    await self._drop(key)
+                    raise Refused(MISSING_FEATURES, str(exc)) from exc
                 except Exception as exc:  # bad ids for this model, a drafter bug: this session only
                     log.warning("drafting for %s failed: %s", msg.session_id, exc)
                     await self._drop(key)
                     raise Refused(BAD_SESSION, f"drafting failed: {exc}") from exc
             state.served += 1
-            if self.draft_ahead and draft.k and state.worth_drafting_ahead():
+            ahead = self.draft_ahead and not uses_features(state.session)
+            if ahead and draft.k and state.worth_drafting_ahead():
                 state.ahead_tries += 1
                 state.ahead = asyncio.get_running_loop().create_task(
                     self._guess(state, committed + list(draft.tokens), msg.k)
                 )
         return reply_of(draft)
+
+    @staticmethod
+    def _propose(
+        session: DraftSession, committed: list[int], k: int, features: torch.Tensor | None
+    ) -> Draft:
+        """On the worker thread: a feature session gets the rows sent, which end at the last
+        committed position but one (they start where the verifier's copy of `held` ends)."""
+        if not uses_features(session):
+            return session.propose(committed, k)
+        fs = cast(FeatureDraftSession, session)
+        rows = 0 if features is None else int(features.shape[0])
+        return fs.propose(committed, k, features, len(committed) - 1 - rows)
 
     async def _ahead_draft(self, state: _Drafting, committed: list[int], k: int) -> Draft | None:
         """The drafted-ahead draft when the verifier's answer matched the guess, else None."""
@@ -377,6 +482,21 @@ class DrafterService:
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
 
+def _features_of(drafter: Drafter, msg: DraftRequest) -> torch.Tensor | None:
+    """A request's features as a tensor, checked ([n, dim], float, finite): Refused with
+    BAD_SESSION otherwise. None when the drafter does not draft from features."""
+    if msg.features is None or not uses_features(drafter):
+        return None
+    dim = int(drafter.config.dim)  # type: ignore[attr-defined]
+    raw = msg.features
+    try:
+        features = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.array(raw))
+        check_features(features, dim)
+    except (MissingFeaturesError, TypeError, ValueError) as exc:
+        raise Refused(BAD_SESSION, f"bad features: {exc}") from exc
+    return features
+
+
 class LocalDraftRouter:
     """Every session drafts in this process with one drafter (the centralized set-up, and
     prompt lookup on a verifier). Model drafters run on their own worker thread."""
@@ -384,6 +504,7 @@ class LocalDraftRouter:
     def __init__(self, drafter: Drafter, threaded: bool | None = None, node: str = "") -> None:
         self.drafter = drafter
         self.node = node
+        self.uses_features = uses_features(drafter)  # the engine keeps its sessions' features
         threaded = drafter.kind != "ngram" if threaded is None else threaded
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="sled-local-drafter")

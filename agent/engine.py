@@ -21,6 +21,12 @@ truncated past what stands. Passes never wait for a slow drafter while other ses
 ready; a session whose draft is late by more than `draft_patience` goes ahead with no draft.
 A failing drafter is replaced (another drafter, or none) without changing the text: drafts
 only ever save passes, the verifier alone decides tokens.
+
+Feature drafters (models/feature_drafter.py) draft from the target's final-normed hidden states.
+When the router may hand one out (or a session has one), passes run with
+`backend.forward_features` (the same logits) and each session keeps the features of the
+positions in its KV cache, cut back with it on rollback; the channel sends its drafter those
+it lacks.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from agent.drafting import DraftChannel, DraftFailed
+from agent.drafting import DraftChannel, DraftFailed, uses_features
 from agent.metrics import NodeMetrics
 from agent.service import BadRequestError, OverloadedError, UnavailableError
 from agent.wire import SpeculationStats
@@ -71,7 +77,9 @@ class TokenStream(Protocol):
 
 
 class DraftRouter(Protocol):
-    """Gives a session a drafter: a channel, or None to verify without drafts."""
+    """Gives a session a drafter: a channel, or None to verify without drafts. A router whose
+    channels may draft from target features says so with a true `uses_features` attribute
+    (read every pass), so that sessions keep their features from their first pass on."""
 
     async def channel(
         self, session_id: str, params: SamplingParams, exclude: Collection[str]
@@ -92,6 +100,31 @@ class TokenSource(Protocol):
 
 
 _END = object()
+
+
+class FeatureRows:
+    """One session's target features by position: rows 0..length-1, grown by doubling so
+    that a pass appends without copying what is held. Rows below `length` never change (the
+    views handed to drafters stay valid while later passes append)."""
+
+    def __init__(self) -> None:
+        self._data: torch.Tensor | None = None
+        self.length = 0
+
+    def put(self, rows: torch.Tensor) -> None:
+        end = self.length + int(rows.shape[0])
+        if self._data is None or end > self._data.shape[0]:
+            capacity = max(64, end, 2 * (0 if self._data is None else self._data.shape[0]))
+            grown = rows.new_empty(capacity, rows.shape[1])
+            if self._data is not None:
+                grown[: self.length] = self._data[: self.length]
+            self._data = grown
+        self._data[self.length : end] = rows
+        self.length = end
+
+    def rows(self) -> torch.Tensor:
+        assert self._data is not None or self.length == 0
+        return self._data[: self.length] if self._data is not None else torch.empty(0, 0)
 
 
 @dataclass(eq=False)
@@ -122,6 +155,8 @@ class _Work:
     verify_steps: int = 0
     asked_k: int = 0
     drafter_failures: int = 0
+    # The target's features of the positions in the KV cache (None: some were not kept).
+    features: FeatureRows | None = None
 
     @property
     def caught_up(self) -> bool:
@@ -217,6 +252,11 @@ class Engine:
         self.draft_patience = draft_patience
         # The measured cost of a pass by tokens in it, shared by all sessions' draft policies.
         self.pass_cost = PassCostCurve()
+        # Feature drafters need a backend that returns its features (torch, whole model).
+        self.feature_capable = drafts is not None and callable(
+            getattr(backend, "forward_features", None)
+        )
+        self.feature_passes = 0  # passes run with features (tests and /status)
 
     # -- figures -----------------------------------------------------------------------------
 
@@ -333,8 +373,11 @@ class Engine:
                 continue
             inputs = [self._next_input(w) for w in batch]
             drafts = [self._take_draft(w) for w in batch]
+            features = self._wants_features()
             try:
-                out = await loop.run_in_executor(self._executor, self._step, batch, inputs, drafts)
+                out = await loop.run_in_executor(
+                    self._executor, self._step, batch, inputs, drafts, features
+                )
             except Exception as exc:  # a backend failure ends the sessions of this pass only
                 log.exception("forward pass over %d sessions failed", len(batch))
                 for work in batch:
@@ -357,8 +400,18 @@ class Engine:
         end = min(len(work.tokens), (work.fed // self.prefill_chunk + 1) * self.prefill_chunk)
         return work.tokens[work.fed : end]
 
+    def _wants_features(self) -> bool:
+        """Whether the next pass keeps features: only when a feature drafter may use them."""
+        if not self.feature_capable:
+            return False
+        return uses_features(self.drafts) or any(uses_features(w.channel) for w in self._active)
+
     def _step(
-        self, batch: Sequence[_Work], inputs: Sequence[list[int]], drafts: Sequence[Draft | None]
+        self,
+        batch: Sequence[_Work],
+        inputs: Sequence[list[int]],
+        drafts: Sequence[Draft | None],
+        features: bool = False,
     ) -> list[list[int] | None]:
         """On the worker thread: one pass; for each session that has read all its committed
         tokens, the tokens it gains (accepted draft tokens, then one more)."""
@@ -371,23 +424,42 @@ class Engine:
         tensors = [torch.tensor(ids, dtype=torch.int64) for ids in fed]
         keep = [1 + (d.k if d is not None else 0) for d in drafts]
         start = time.perf_counter()
-        rows = self.backend.forward(slots, tensors, keep=keep)  # type: ignore[arg-type]
+        feats: list[torch.Tensor] | None = None
+        if features:
+            forward_features = self.backend.forward_features  # type: ignore[attr-defined]
+            rows, feats = forward_features(slots, tensors, keep=keep)
+            self.feature_passes += 1
+        else:
+            rows = self.backend.forward(slots, tensors, keep=keep)  # type: ignore[arg-type]
         self.pass_cost.observe(sum(len(ids) for ids in fed), time.perf_counter() - start)
         out: list[list[int] | None] = []
-        for work, ids, draft, logits in zip(batch, inputs, drafts, rows, strict=True):
-            assert work.slot is not None
-            work.fed += len(ids)
-            if work.fed < len(work.tokens):
-                out.append(None)  # still prefilling
-                continue
-            if draft is None or draft.k == 0:
-                out.append([choose_token(logits[-1], work.params, len(work.tokens))])
-                continue
-            verdict = verify_draft(logits, draft, work.params)
-            self.backend.cache.truncate(work.slot, work.fed + verdict.accepted)
-            work.fed += verdict.accepted
-            out.append([*draft.tokens[: verdict.accepted], verdict.token])
+        for i, (work, ids, draft, logits) in enumerate(
+            zip(batch, inputs, drafts, rows, strict=True)
+        ):
+            before = work.fed
+            out.append(self._advance(work, ids, draft, logits))
+            if work.features is not None:
+                if feats is None or work.features.length != before:
+                    work.features = None  # a pass without them: this session has none from now
+                else:
+                    # Rows of the positions that stand (the KV cache was cut past the rest).
+                    work.features.put(feats[i][: work.fed - before])
         return out
+
+    def _advance(
+        self, work: _Work, ids: list[int], draft: Draft | None, logits: torch.Tensor
+    ) -> list[int] | None:
+        """A session's part of a pass: None while prefilling, else the tokens it gains."""
+        assert work.slot is not None
+        work.fed += len(ids)
+        if work.fed < len(work.tokens):
+            return None  # still prefilling
+        if draft is None or draft.k == 0:
+            return [choose_token(logits[-1], work.params, len(work.tokens))]
+        verdict = verify_draft(logits, draft, work.params)
+        self.backend.cache.truncate(work.slot, work.fed + verdict.accepted)
+        work.fed += verdict.accepted
+        return [*draft.tokens[: verdict.accepted], verdict.token]
 
     # -- drafting ------------------------------------------------------------------------------
 
@@ -418,10 +490,16 @@ class Engine:
             k = policy.next_k(room, others)
             if k < 1:
                 continue
+            committed = list(work.tokens)
+            if uses_features(work.channel):
+                if work.features is None or work.features.length != work.fed:
+                    self._lacks_features(work)
+                    continue
+                propose = work.channel.propose(committed, k, work.features.rows())
+            else:
+                propose = work.channel.propose(committed, k)
             work.draft_asked = time.monotonic()
-            task = asyncio.get_running_loop().create_task(
-                work.channel.propose(list(work.tokens), k)
-            )
+            task = asyncio.get_running_loop().create_task(propose)
             task.add_done_callback(lambda _: self._wake.set())
             work.draft_task = task
 
@@ -448,6 +526,19 @@ class Engine:
                 work.policy.observe_draft(draft.k, time.monotonic() - work.draft_asked)
             else:
                 self._drafter_failed(work, exc)
+
+    def _lacks_features(self, work: _Work) -> None:
+        """A feature drafter for a session whose features were not all kept (it started before
+        one could be had): ask for another drafter."""
+        channel, work.channel = work.channel, None
+        if channel is not None:
+            work.excluded.add(channel.node or "local")
+            asyncio.get_running_loop().create_task(_close_quietly(channel))
+            log.info(
+                "session %s: no target features kept for its %s drafter; drafting elsewhere",
+                work.session_id,
+                channel.kind,
+            )
 
     def _drafter_failed(self, work: _Work, exc: BaseException) -> None:
         channel, work.channel = work.channel, None
@@ -569,6 +660,8 @@ class Engine:
         while self._waiting and len(self._active) < cache.max_slots:
             work = self._waiting.popleft()
             work.slot = cache.allocate()
+            if self.feature_capable:
+                work.features = FeatureRows()
             self._active.append(work)
         self._report_queue()
 

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.config import NodeConfig, describe
-from agent.drafting import DrafterService, LocalDraftRouter, RemoteDraftChannel
+from agent.drafting import DrafterService, LocalDraftRouter, RemoteDraftChannel, uses_features
 from agent.engine import Engine
 from agent.metrics import NodeMetrics
 from agent.peers import PeerTable, node_view
@@ -63,6 +63,7 @@ from agent.wire import (
     NodeState,
     connection_config,
 )
+from models.feature_drafter import FeatureDrafter
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 from transport.auth import ClusterKey, check_listen_allowed
@@ -687,6 +688,28 @@ class NodeDraftRouter:
         self._model = model
         self._vocab = vocab_size
 
+    def _drafter_kind(self, node_id: str) -> str:
+        """The kind of drafter a peer advertises for this model ("" when unknown)."""
+        record = self._node.peers.get(node_id)
+        if record is None or record.state is None:
+            return ""
+        offers = record.state.capabilities.drafts
+        return next((d.kind for d in offers if d.target == self._model), "")
+
+    @property
+    def uses_features(self) -> bool:
+        """A planned drafter node or this node's own drafter drafts from target features: the
+        engine keeps its sessions' features from their first pass."""
+        node = self._node
+        own = node.drafting.drafters.get(self._model) if node.drafting is not None else None
+        if uses_features(own):
+            return True
+        return any(
+            self._drafter_kind(n) == FeatureDrafter.kind
+            for n in node._plan.drafters_for(self._model)
+            if n != node.node_id
+        )
+
     async def channel(
         self, session_id: str, params: SamplingParams, exclude: Collection[str]
     ) -> Any:
@@ -702,10 +725,17 @@ class NodeDraftRouter:
             if conn is None or not conn.is_open:
                 continue
             counts[drafter_node] = counts.get(drafter_node, 0) + 1
+            features = self._drafter_kind(drafter_node) == FeatureDrafter.kind
             return _CountedChannel(
                 RemoteDraftChannel(
-                    conn, drafter_node, session_id, self._model, params, self._vocab
-                ),
+                    conn,
+                    drafter_node,
+                    session_id,
+                    self._model,
+                    params,
+                    self._vocab,
+                    uses_features=features,
+                ),  # fmt: skip
                 counts,
             )
         local = node.local_drafts(self._model)
@@ -723,14 +753,15 @@ class _CountedChannel:
         self._inner = inner
         self._counts = counts
         self.node = inner.node
+        self.uses_features = inner.uses_features
         self._open = True
 
     @property
     def kind(self) -> str:
         return self._inner.kind
 
-    async def propose(self, committed: Any, k: int) -> Any:
-        return await self._inner.propose(committed, k)
+    async def propose(self, committed: Any, k: int, features: Any = None) -> Any:
+        return await self._inner.propose(committed, k, features)
 
     async def close(self) -> None:
         if self._open:

@@ -9,7 +9,7 @@
   carries the session's speculative-decoding figures).
 - `DraftRequest` (request, verifier -> drafter): the session's committed tokens as a delta
   against what this drafter already has (`keep` tokens of it stand), and how many tokens to
-  draft; answered by `DraftReply` (token ids and, for sampled drafts, the sparse proposal
+  draft (for a feature drafter also the target's features of the positions it lacks); answered by `DraftReply` (token ids and, for sampled drafts, the sparse proposal
   distribution). `DraftClose` (notification) ends a drafting session.
 """
 
@@ -33,6 +33,7 @@ DRAINING: Final = "draining"
 BAD_SESSION: Final = "bad_session"
 # Refusal codes of a DraftRequest: the verifier resends everything, or drafts elsewhere.
 UNKNOWN_DRAFT_SESSION: Final = "unknown_draft_session"
+MISSING_FEATURES: Final = "missing_features"  # a feature drafter lacks positions' features
 NOT_DRAFTING: Final = "not_drafting"
 
 
@@ -111,7 +112,9 @@ class Generated(Message):
 @dataclass(frozen=True)
 class DraftRequest(Message):
     """Draft up to k tokens after `committed`, where committed = (the first `keep` tokens this
-    drafter already holds for the session) + `tokens`."""
+    drafter already holds for the session) + `tokens`. `features` (feature drafters): the
+    target's final-normed hidden states [n, dim] for the last n positions up to
+    len(committed)-2; the drafter holds those before them."""
 
     session_id: str
     model: str  # the target model the draft is for
@@ -122,6 +125,7 @@ class DraftRequest(Message):
     top_p: float
     top_k: int
     seed: int
+    features: Tensor | None = None  # bf16/fp32 [n, dim]
 
     def __post_init__(self) -> None:
         if self.keep < 0 or not 1 <= self.k <= MAX_DRAFT_K:

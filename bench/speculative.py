@@ -334,6 +334,7 @@ def single_session(
         "ngram": ({"weights": verifier_weights, "drafter": "ngram"}, 0, ""),
         "text": ({"weights": verifier_weights, "drafter": "none"}, 1, "text:gemma3-270m"),
         "trained": ({"weights": verifier_weights, "drafter": "none"}, 1, "trained"),
+        "feature": ({"weights": verifier_weights, "drafter": "none"}, 1, "feature"),
     }
     if baseline_weights != verifier_weights:  # target-only on the verifier's format too
         configs["target_verifier_format"] = (
@@ -564,12 +565,35 @@ def plot(
     return True
 
 
+def missing_drafter_files(kinds: Sequence[str]) -> dict[str, str]:
+    """The trained kinds among `kinds` whose drafter file is not at its default path, with why."""
+    from models.feature_drafter import default_feature_drafter_path
+    from models.trained_drafter import default_drafter_path
+
+    files = {
+        "trained": (default_drafter_path(TARGET), ""),
+        "feature": (default_feature_drafter_path(TARGET), " --kind feature"),
+    }
+    return {
+        kind: f"no drafter file at {path}: run `sled models train-drafter --target {TARGET}{flag}`"
+        for kind, (path, flag) in files.items()
+        if kind in kinds and not path.is_file()
+    }
+
+
+def capacity_drafter(kinds: Sequence[str]) -> str:
+    """The drafter of (a): the feature drafter, else the trained one, when measured in (b)."""
+    return next((k for k in ("feature", "trained") if k in kinds), "text:gemma3-270m")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.speculative", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="fewer prompts, tokens and sessions")
-    parser.add_argument("--kinds", default="ngram,text,trained", help="drafter kinds for (b)")
+    parser.add_argument(
+        "--kinds", default="ngram,text,trained,feature", help="drafter kinds for (b)"
+    )
     parser.add_argument("--sessions", default=None, help="session counts for (a), e.g. 1,2,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--formats", default="int4,bf16", help="verifier weight formats to measure")
@@ -599,12 +623,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_tokens = args.max_tokens or (48 if quick else 64)
     counts = [int(x) for x in (args.sessions or ("1,2,4,8" if quick else "1,2,4,8,16")).split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    from models.trained_drafter import default_drafter_path
-
     kinds = [k for k in args.kinds.split(",") if k]
-    if "trained" in kinds and not default_drafter_path(TARGET).is_file():
-        print("[single] no trained drafter file: run `sled models train-drafter`", file=sys.stderr)
-        kinds.remove("trained")
+    unknown = sorted(set(kinds) - {"ngram", "text", "trained", "feature"})
+    if unknown:
+        parser.error(f"unknown drafter kinds {unknown}: use ngram, text, trained, feature")
+    for kind, why in missing_drafter_files(kinds).items():
+        print(f"[single] skipping {kind}: {why}", file=sys.stderr)
+        kinds.remove(kind)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sled-bench-spec-"))
     started = time.perf_counter()
 
@@ -682,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     capacity_ratio = batched_ratio = None
     if "capacity" not in skip:
-        drafter = args.capacity_drafter or ("trained" if "trained" in kinds else "text:gemma3-270m")
+        drafter = args.capacity_drafter or capacity_drafter(kinds)
         cap = capacity(
             root, prompts, counts, batch_weights, drafter, max_tokens, args.drafter_weights
         )

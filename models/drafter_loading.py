@@ -1,5 +1,5 @@
-"""Drafter specs (`ngram`, `model:NAME`, `text:NAME`, `trained[:PATH]`, `none`) and loading
-the drafter a spec names for a target model.
+"""Drafter specs (`ngram`, `model:NAME`, `text:NAME`, `trained[:PATH]`, `feature[:PATH]`,
+`none`) and loading the drafter a spec names for a target model.
 
 - `ngram`: prompt lookup over the session's own text; no model, no memory.
 - `model:NAME`: a small model that shares the target's token ids (a registry name or a .gguf).
@@ -7,6 +7,9 @@ the drafter a spec names for a target model.
   `text:gemma3-270m` for the Qwen target).
 - `trained` / `trained:PATH`: the drafter `sled models train-drafter` made for this target
   (default path under the sled cache).
+- `feature` / `feature:PATH`: the feature drafter (EAGLE-style: drafts from the target's own
+  final-normed hidden states, which the verifier sends with each request) that
+  `sled models train-drafter --kind feature` made for this target.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from models.drafters import Drafter, ModelDrafter, NgramDrafter
 
-DRAFTER_KINDS = ("none", "ngram", "model", "text", "trained")
+DRAFTER_KINDS = ("none", "ngram", "model", "text", "trained", "feature")
 
 
 class DrafterSpecError(ValueError):
@@ -26,7 +29,7 @@ class DrafterSpecError(ValueError):
 @dataclass(frozen=True)
 class DrafterSpec:
     kind: str  # one of DRAFTER_KINDS
-    source: str = ""  # model name or path (model/text), drafter file (trained; "" = default)
+    source: str = ""  # model name or path (model/text), drafter file (trained/feature; "": default)
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.source}" if self.source else self.kind
@@ -37,7 +40,8 @@ def parse_drafter_spec(text: str) -> DrafterSpec:
     kind, source = kind.strip().lower(), source.strip()
     if kind not in DRAFTER_KINDS:
         raise DrafterSpecError(
-            f"unknown drafter {text!r}: use none, ngram, model:NAME, text:NAME or trained[:PATH]"
+            f"unknown drafter {text!r}: use none, ngram, model:NAME, text:NAME, trained[:PATH] "
+            "or feature[:PATH]"
         )
     if kind in ("model", "text") and not source:
         raise DrafterSpecError(
@@ -78,6 +82,19 @@ def load_drafter(
                 f"`sled models train-drafter --target {target_name}`"
             )
         return TrainedDrafter.load(
+            path, Path(target_path), weights=weights, max_slots=max_slots, max_len=max_len,
+            cache_root=cache_root,
+        )  # fmt: skip
+    if spec.kind == "feature":
+        from models.feature_drafter import FeatureDrafter, default_feature_drafter_path
+
+        path = Path(spec.source) if spec.source else default_feature_drafter_path(target_name)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no feature drafter at {path}; make one with "
+                f"`sled models train-drafter --target {target_name} --kind feature`"
+            )
+        return FeatureDrafter.load(
             path, Path(target_path), weights=weights, max_slots=max_slots, max_len=max_len,
             cache_root=cache_root,
         )  # fmt: skip

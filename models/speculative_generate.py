@@ -5,6 +5,10 @@ tokens after the committed ones, one target pass over [last committed token, d_1
 k+1 distributions, `verify_draft` keeps a prefix and picks the next token, and the target's KV
 cache is truncated past the kept tokens. k is fixed (`draft_k`) or chosen per step from the
 session's acceptance rate and the measured costs of drafting and of target passes.
+
+A feature drafter (models/feature_drafter.py) drafts from the target's features: then every
+target pass is `backend.forward_features` (the same logits), and the features of the positions
+that stand go to the drafter with its next request.
 """
 
 from __future__ import annotations
@@ -51,6 +55,57 @@ class SpeculativeResult:
     speculative: SpeculativeStats
 
 
+class _TargetPasses:
+    """The target's passes for one session, keeping the features a feature drafter has not had
+    yet (`pending`: positions held..fed-1 of the slot) when it needs them."""
+
+    def __init__(self, backend: Backend, slot: int, features: bool) -> None:
+        forward_features = getattr(backend, "forward_features", None)
+        if features and not callable(forward_features):
+            raise ValueError(
+                f"a feature drafter needs the target's features: the {backend.name} backend "
+                "does not give them (use --backend torch)"
+            )
+        self.backend, self.slot = backend, slot
+        self._forward_features = forward_features if features else None
+        self.pending: torch.Tensor | None = None
+        self._last = torch.empty(0)  # the features of the latest verify pass
+
+    def _keep(self, rows: torch.Tensor) -> None:
+        self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
+
+    def prefill(self, ids: Sequence[int], chunk: int) -> torch.Tensor:
+        """Logits after the prompt (chunked as models.generate.prefill does)."""
+        if self._forward_features is None:
+            return prefill(self.backend, self.slot, ids, chunk)
+        if len(ids) >= self.backend.cache.room(self.slot):
+            return prefill(self.backend, self.slot, ids, chunk)  # raises its ValueError
+        row = torch.empty(0)
+        for i in range(0, len(ids), chunk):
+            part = torch.tensor(list(ids[i : i + chunk]), dtype=torch.int64)
+            logits, features = self._forward_features([self.slot], [part])
+            row = logits[0][-1]
+            self._keep(features[0])
+        return row
+
+    def verify(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of every row of a verify pass; `stand(n)` then keeps the first n rows."""
+        if self._forward_features is None:
+            return self.backend.forward([self.slot], [inputs])[0]
+        logits, features = self._forward_features([self.slot], [inputs], keep=[len(inputs)])
+        self._last = features[0]
+        return logits[0]
+
+    def stand(self, n: int) -> None:
+        if self._forward_features is not None:
+            self._keep(self._last[:n])
+
+    def take(self) -> torch.Tensor | None:
+        """The features the drafter has not had (None unless drafting from features)."""
+        pending, self.pending = self.pending, None
+        return pending
+
+
 def generate_speculative(
     backend: Backend,
     drafter: Drafter,
@@ -76,6 +131,13 @@ def generate_speculative(
     cache = backend.cache
     slot = cache.allocate()
     session = drafter.open(params)
+    features = bool(getattr(session, "uses_features", False))
+    try:
+        passes = _TargetPasses(backend, slot, features)
+    except ValueError:
+        session.close()
+        cache.free(slot)
+        raise
     curve = PassCostCurve()
     policy = DraftPolicy(curve, draft_k, k_max)
     tracker = policy.tracker
@@ -84,7 +146,7 @@ def generate_speculative(
     try:
         committed = list(prompt_ids)
         start = time.perf_counter()
-        logits = prefill(backend, slot, committed, prefill_chunk)
+        logits = passes.prefill(committed, prefill_chunk)
         prefill_s = time.perf_counter() - start
         # The first token comes from the prefill, exactly as in target-only generation.
         token = next_token(logits, params, position_generator(params.seed, len(committed)))
@@ -109,7 +171,14 @@ def generate_speculative(
             room = min(cache.room(slot) - 1, max_tokens - len(tokens))
             k = policy.next_k(room)
             ks.append(k)
-            if k > 0:
+            if k > 0 and features:
+                rows = passes.take()
+                held = len(committed) - 1 - (0 if rows is None else int(rows.shape[0]))
+                draft = session.propose(committed, k, rows, held)  # type: ignore[call-arg]
+                draft_s += draft.draft_s
+                policy.observe_draft(k, draft.draft_s)
+                draft = draft.first(k)
+            elif k > 0:
                 draft = session.propose(committed, k)
                 draft_s += draft.draft_s
                 policy.observe_draft(k, draft.draft_s)
@@ -119,9 +188,10 @@ def generate_speculative(
             pass_start = time.perf_counter()
             fed = cache.length(slot)
             inputs = torch.tensor([token, *draft.tokens], dtype=torch.int64)
-            rows = backend.forward([slot], [inputs])[0]
-            verdict = verify(rows, draft, params)
+            logits_rows = passes.verify(inputs)
+            verdict = verify(logits_rows, draft, params)
             cache.truncate(slot, fed + 1 + verdict.accepted)
+            passes.stand(1 + verdict.accepted)
             elapsed = time.perf_counter() - pass_start
             verify_s += elapsed
             curve.observe(len(inputs), elapsed)

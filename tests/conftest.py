@@ -60,3 +60,18 @@ def torch_single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_feature_drafter(
+    tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A feature drafter file for tiny qwen2: untrained (fc [I, I], the target's last layer and
+    whole head), which drafts poorly but exercises every path that carries features."""
+    from models.feature_drafter import initial_feature_weights, save_feature_drafter
+    from models.gguf_loader import GGUFFile
+
+    target = tiny_paths["qwen2"]
+    vocab = GGUFFile(target).config.vocab_size
+    weights = initial_feature_weights(target, torch.arange(vocab))
+    return save_feature_drafter(weights, tmp_path_factory.mktemp("feature") / "qwen2.feature.gguf")

@@ -8,11 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from agent.drafting import DrafterService, DraftFailed, RemoteDraftChannel
-from agent.wire import BAD_SESSION, NOT_DRAFTING, DraftRequest, connection_config
+from agent.wire import (
+    BAD_SESSION,
+    MISSING_FEATURES,
+    NOT_DRAFTING,
+    DraftReply,
+    DraftRequest,
+    connection_config,
+)
 from models.backend import load_backend
 from models.drafters import ModelDrafter, NgramDrafter
+from models.feature_drafter import FeatureDrafter
 from models.sampling import SamplingParams
 from transport.auth import ClusterKey
 from transport.connection import Connection, Identity
@@ -158,3 +167,123 @@ async def test_a_vanished_drafter_fails_the_channel() -> None:
     with pytest.raises(DraftFailed):
         await channel.propose([1, 2, 3, 1, 2, 3], 1)
     await service.close()
+
+
+# -- feature drafters: the verifier sends the target's features of the positions they lack ----
+
+
+@pytest.fixture(scope="module")
+def feature_parts(
+    tiny_paths: dict[str, Path],
+    tiny_feature_drafter: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[FeatureDrafter, torch.Tensor]:
+    """A feature drafter for tiny qwen2, and the target's features of TEXT (bf16, as an int4 or
+    bf16 verifier sends them)."""
+    drafter = FeatureDrafter.load(
+        tiny_feature_drafter, tiny_paths["qwen2"], "fp32", max_slots=4, max_len=256,
+        cache_root=tmp_path_factory.mktemp("feature_weights"),
+    )  # fmt: skip
+    target = load_backend(tiny_paths["qwen2"], weights="fp32", use_cache=False, max_slots=1)
+    slot = target.cache.allocate()
+    _, (features,) = target.forward_features([slot], [torch.tensor(TEXT)])  # type: ignore[attr-defined]
+    return drafter, features.to(torch.bfloat16)
+
+
+TEXT = list(range(5, 60))
+
+
+async def _serve_recording(service: DrafterService, rows: list[int]) -> Listener:
+    async def handle(msg: object, ctx: object) -> object:
+        if isinstance(msg, DraftRequest):
+            rows.append(-1 if msg.features is None else int(msg.features.shape[0]))
+        return await service.handle(msg, ctx)  # type: ignore[arg-type]
+
+    return await listen("127.0.0.1", 0, Identity("drafter", KEY), handler=handle, config=CONFIG)  # type: ignore[arg-type]
+
+
+async def test_feature_drafts_over_the_wire_match_local_and_only_new_rows_travel(
+    feature_parts: tuple[FeatureDrafter, torch.Tensor],
+) -> None:
+    drafter, features = feature_parts
+    service = DrafterService({"tiny-qwen2": drafter})
+    rows: list[int] = []
+    listener = await _serve_recording(service, rows)
+    conn = await _dial(listener)
+    try:
+        channel = RemoteDraftChannel(
+            conn, "drafter", "s1", "tiny-qwen2", SamplingParams(), 1000, uses_features=True
+        )
+        lengths = [10, 13, 14, 20, 21]
+        for m in lengths:
+            draft = await channel.propose(TEXT[:m], 3, features[: m - 1])
+            fresh = drafter.open(SamplingParams())
+            assert draft.tokens == fresh.propose(TEXT[:m], 3, features[: m - 1]).tokens
+            assert draft.kind == "feature" and channel.kind == "feature"
+            fresh.close()
+        # The first request carries every position's features, later ones only the new rows.
+        assert rows == [9, 3, 1, 6, 1]
+        assert service.ahead_hits == 0  # feature sessions do not draft ahead
+        assert all(s.ahead is None for s in service._sessions.values())
+        # A restarted drafter: refused as unknown, then everything again from position 0.
+        await service.peer_down("verifier")
+        draft = await channel.propose(TEXT[:25], 2, features[:24])
+        assert rows[-2:] == [4, 24]
+        fresh = drafter.open(SamplingParams())
+        assert draft.tokens == fresh.propose(TEXT[:25], 2, features[:24]).tokens
+        fresh.close()
+        with pytest.raises(DraftFailed, match="target features"):
+            await channel.propose(TEXT[:26], 2)  # the verifier has no features to give
+    finally:
+        await conn.close()
+        await listener.close()
+        await service.close()
+
+
+async def test_bad_features_are_refused_and_the_service_goes_on(
+    feature_parts: tuple[FeatureDrafter, torch.Tensor],
+) -> None:
+    drafter, features = feature_parts
+    service = DrafterService({"tiny-qwen2": drafter})
+    listener = await _serve(service)
+    conn = await _dial(listener)
+    try:
+        ok = dict(
+            session_id="s", model="tiny-qwen2", keep=0, tokens=np.array(TEXT[:8], dtype=np.int64),
+            k=2, temperature=0.0, top_p=1.0, top_k=0, seed=0, features=features[:7],
+        )  # fmt: skip
+        nan = features[:7].clone()
+        nan[3, 5] = float("nan")
+        bad = {
+            "non-finite": nan,
+            "wrong width": features[:7, :-1].contiguous(),
+            "not float": torch.ones(7, features.shape[1], dtype=torch.int64),
+            "too many rows": features[:9],
+            "not 2-d": features[:7].reshape(-1),
+        }
+        for why, value in bad.items():
+            with pytest.raises(RemoteError) as err:
+                await conn.request(DraftRequest(**{**ok, "features": value}), DraftReply)
+            assert err.value.code == BAD_SESSION, why
+        # Too few rows (and none): the drafter lacks positions and says so.
+        for value in (features[:5], None):
+            with pytest.raises(RemoteError) as err:
+                await conn.request(DraftRequest(**{**ok, "features": value}), DraftReply)
+            assert err.value.code == MISSING_FEATURES
+        reply = await conn.request(DraftRequest(**ok), DraftReply)
+        fresh = drafter.open(SamplingParams())
+        assert tuple(reply.tokens.tolist()) == fresh.propose(TEXT[:8], 2, features[:7]).tokens
+        fresh.close()
+        # A held session (7 positions' features) sent only the last of the two new positions'
+        # rows: the drafter says what it lacks instead of drafting from misplaced rows.
+        gap = DraftRequest(
+            **{**ok, "keep": 8, "tokens": np.array(TEXT[8:10], dtype=np.int64),
+               "features": features[8:9]}
+        )  # fmt: skip
+        with pytest.raises(RemoteError) as err:
+            await conn.request(gap, DraftReply)
+        assert err.value.code == MISSING_FEATURES and "send them from 7" in err.value.text
+    finally:
+        await conn.close()
+        await listener.close()
+        await service.close()

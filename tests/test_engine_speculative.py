@@ -10,12 +10,14 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 from agent.drafting import DraftChannel, DraftFailed, LocalDraftChannel, LocalDraftRouter
 from agent.engine import Engine
 from agent.metrics import NodeMetrics
 from models.backend import Backend, load_backend
 from models.drafters import Drafter, ModelDrafter, NgramDrafter
+from models.feature_drafter import FeatureDrafter
 from models.generate import generate
 from models.sampling import SamplingParams
 from models.speculative import Draft
@@ -56,11 +58,23 @@ def expected(target: Backend, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def drafters(tiny_paths: dict[str, Path]) -> dict[str, Drafter]:
+def drafters(
+    tiny_paths: dict[str, Path],
+    tiny_feature_drafter: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Drafter]:
     return {
         "ngram": NgramDrafter(),
         "model": ModelDrafter(_load(tiny_paths["llama"])),
         "self": ModelDrafter(_load(tiny_paths["qwen2"]), kind="self"),
+        "feature": FeatureDrafter.load(
+            tiny_feature_drafter,
+            tiny_paths["qwen2"],
+            "fp32",
+            max_slots=8,
+            max_len=256,
+            cache_root=tmp_path_factory.mktemp("feature_weights"),
+        ),  # fmt: skip
     }
 
 
@@ -78,7 +92,7 @@ async def _run_sessions(
         await engine.close()
 
 
-@pytest.mark.parametrize("kind", ["ngram", "model", "self"])
+@pytest.mark.parametrize("kind", ["ngram", "model", "self", "feature"])
 @pytest.mark.parametrize("k", [1, 3, 8, None])
 @pytest.mark.parametrize("sessions", [1, 3, 8])
 async def test_batched_verification_equals_target_only(
@@ -97,6 +111,10 @@ async def test_batched_verification_equals_target_only(
     router.close()
     assert got == expected[:sessions]
     assert target.cache.slots == ()
+    # Passes carry features only where a drafter drafts from them.
+    assert (engine.feature_passes == engine.steps) == (kind == "feature")
+    if kind == "feature":
+        assert "feature" in metrics.text()
     if kind == "self" and k is not None:
         # Every draft of the target's own copy stands: far fewer passes than tokens.
         assert engine.steps < sum(len(e) for e in expected[:sessions]) / 1.5
@@ -123,14 +141,17 @@ class _DyingChannel:
     def __init__(self, inner: LocalDraftChannel, lives: int, node: str) -> None:
         self.kind = inner.kind
         self.node = node
+        self.uses_features = inner.uses_features
         self._inner = inner
         self._lives = lives
 
-    async def propose(self, committed: Sequence[int], k: int) -> Draft:
+    async def propose(
+        self, committed: Sequence[int], k: int, features: torch.Tensor | None = None
+    ) -> Draft:
         if self._lives <= 0:
             raise DraftFailed(f"lost drafter {self.node}")
         self._lives -= 1
-        return await self._inner.propose(committed, k)
+        return await self._inner.propose(committed, k, features)
 
     async def close(self) -> None:
         await self._inner.close()
@@ -141,6 +162,7 @@ class _FailingRouter:
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
+        self.uses_features = getattr(drafter, "uses_features", False)
         self.asked: list[tuple[str, frozenset[str]]] = []
 
     async def channel(
@@ -155,13 +177,15 @@ class _FailingRouter:
         return None
 
 
+@pytest.mark.parametrize("kind", ["self", "feature"])
 async def test_a_failing_drafter_is_replaced_and_the_text_is_unchanged(
     target: Backend,
     drafters: dict[str, Drafter],
     prompts: list[list[int]],
     expected: list[list[int]],
+    kind: str,
 ) -> None:
-    router = _FailingRouter(drafters["self"])
+    router = _FailingRouter(drafters[kind])
     metrics = NodeMetrics()
     engine = Engine(target, drafts=router, draft_k=2, metrics=metrics)
     got = await _run_sessions(engine, prompts[:2], 40, SamplingParams())
@@ -206,6 +230,87 @@ class _SlowChannel:
     async def propose(self, committed: Sequence[int], k: int) -> Draft:
         await asyncio.sleep(self._delay)
         return await self._inner.propose(committed, k)
+
+
+class _RecordingRouter:
+    """Local drafting that records the features each draft was asked with."""
+
+    def __init__(self, drafter: Drafter, advertise: bool = True) -> None:
+        self.inner = LocalDraftRouter(drafter)
+        self.uses_features = advertise and self.inner.uses_features
+        self.seen: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+
+    async def channel(
+        self, session_id: str, params: SamplingParams, exclude: Collection[str]
+    ) -> DraftChannel | None:
+        if "local" in exclude:
+            return None
+        channel = await self.inner.channel(session_id, params, exclude)
+        assert channel is not None
+        seen = self.seen.setdefault(session_id, [])
+
+        class Recording:
+            kind = channel.kind
+            node = channel.node
+            remote = False
+            uses_features = channel.uses_features
+
+            async def propose(
+                self, committed: Sequence[int], k: int, features: torch.Tensor | None = None
+            ) -> Draft:
+                assert features is not None
+                seen.append((list(committed), features.clone()))
+                return await channel.propose(committed, k, features)
+
+            async def close(self) -> None:
+                await channel.close()
+
+        return Recording()
+
+
+async def test_feature_drafts_get_the_targets_features_of_what_stands(
+    target: Backend,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    expected: list[list[int]],
+) -> None:
+    """The features a session keeps (cut back with its KV cache when drafts are rejected)
+    are the target's features of its committed text, whatever else shares the passes."""
+    router = _RecordingRouter(drafters["feature"])
+    engine = Engine(target, drafts=router, draft_k=3)
+    got = await _run_sessions(engine, prompts[:3], 40, SamplingParams())
+    assert got == expected[:3]
+    forward_features = target.forward_features  # type: ignore[attr-defined]
+    for i, prompt in enumerate(prompts[:3]):
+        seen = router.seen[f"s{i}"]
+        assert len(seen) > 5
+        slot = target.cache.allocate()
+        try:
+            text = torch.tensor(prompt + expected[i])
+            _, (reference,) = forward_features([slot], [text])
+        finally:
+            target.cache.free(slot)
+        for committed, features in seen:
+            assert committed == (prompt + expected[i])[: len(committed)]
+            assert features.shape == (len(committed) - 1, target.config.dim)
+            torch.testing.assert_close(features, reference[: len(committed) - 1])
+
+
+async def test_a_feature_drafter_without_the_features_of_a_session_is_replaced(
+    target: Backend,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    expected: list[list[int]],
+) -> None:
+    """A router that did not say its drafter uses features: the first session's first pass
+    kept none, so its feature drafter is given up (never asked) and the text is unchanged.
+    (The second may keep its features from its first pass on, once the first has a feature
+    drafter, which depends on timing.)"""
+    router = _RecordingRouter(drafters["feature"], advertise=False)
+    engine = Engine(target, drafts=router, draft_k=3)
+    got = await _run_sessions(engine, prompts[:2], 30, SamplingParams())
+    assert got == [e[:30] for e in expected[:2]]
+    assert router.seen.get("s0", []) == []
 
     async def close(self) -> None:
         await self._inner.close()

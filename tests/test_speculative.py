@@ -13,6 +13,7 @@ import torch
 
 from models.backend import Backend, load_backend
 from models.drafters import ModelDrafter, NgramDrafter, lookup_continuation
+from models.feature_drafter import FeatureDrafter
 from models.generate import generate
 from models.sampling import SamplingParams
 from models.speculative import (
@@ -43,14 +44,27 @@ def target(tiny_paths: dict[str, Path]) -> Backend:
 
 
 @pytest.fixture(scope="module")
-def drafters(tiny_paths: dict[str, Path]) -> dict[str, object]:
+def drafters(
+    tiny_paths: dict[str, Path],
+    tiny_feature_drafter: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, object]:
     # tiny-llama shares tiny-qwen2's token ids (same byte-level vocabulary), so it can draft for
     # it; the target drafting for itself accepts everything, which exercises long accepted runs.
+    # The feature drafter drafts from the target's features (sampled proposals with sparse q).
     return {
         "ngram": NgramDrafter(),
         "model": ModelDrafter(_backend(tiny_paths["llama"])),
         "model_sampled": ModelDrafter(_backend(tiny_paths["llama"]), proposal="sampled"),
         "self": ModelDrafter(_backend(tiny_paths["qwen2"]), kind="self"),
+        "feature": FeatureDrafter.load(
+            tiny_feature_drafter,
+            tiny_paths["qwen2"],
+            "fp32",
+            max_slots=4,
+            max_len=256,
+            cache_root=tmp_path_factory.mktemp("feature_weights"),
+        ),  # fmt: skip
     }
 
 
@@ -137,7 +151,7 @@ def test_policy_probes_after_idle_steps() -> None:
 # -- greedy equality -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["ngram", "model", "self"])
+@pytest.mark.parametrize("kind", ["ngram", "model", "self", "feature"])
 @pytest.mark.parametrize("k", [1, 3, 8, None])
 def test_greedy_text_equals_target_only(
     target: Backend, drafters: dict[str, object], kind: str, k: int | None
@@ -168,6 +182,65 @@ def test_stop_ids_inside_an_accepted_run(target: Backend, drafters: dict[str, ob
     )
     assert result.tokens == expected[:first]
     assert result.stats.stop_reason == "stop"
+
+
+def test_feature_drafts_are_made_from_the_targets_features(
+    target: Backend, drafters: dict[str, object]
+) -> None:
+    """Every draft of the feature drafter is the one a fresh session makes from the target's
+    features of the whole committed text (so the rows it was given were the right ones)."""
+    drafter = drafters["feature"]
+    assert isinstance(drafter, FeatureDrafter)
+    forward_features = target.forward_features  # type: ignore[attr-defined]
+    seen: list[tuple[list[int], int, tuple[int, ...]]] = []
+
+    class Recording:
+        kind = "feature"
+
+        def open(self, params: SamplingParams) -> object:
+            inner = drafter.open(params)
+
+            class Session:
+                kind = "feature"
+                uses_features = True
+
+                def propose(self, committed: list[int], k: int, *args: object) -> Draft:
+                    draft = inner.propose(committed, k, *args)  # type: ignore[arg-type]
+                    seen.append((list(committed), k, draft.tokens))
+                    return draft
+
+                def close(self) -> None:
+                    inner.close()
+
+            return Session()
+
+    result = generate_speculative(target, Recording(), PROMPT, SamplingParams(), 30, draft_k=3)  # type: ignore[arg-type]
+    assert result.tokens == generate(target, PROMPT, SamplingParams(), 30).tokens
+    assert len(seen) > 5
+    slot = target.cache.allocate()
+    try:
+        _, (reference,) = forward_features([slot], [torch.tensor(PROMPT + list(result.tokens))])
+    finally:
+        target.cache.free(slot)
+    for committed, k, tokens in seen:
+        fresh = drafter.open(SamplingParams())
+        assert fresh.propose(committed, k, reference[: len(committed) - 1]).tokens == tokens
+        fresh.close()
+
+
+def test_a_feature_drafter_needs_a_backend_with_features(
+    target: Backend, drafters: dict[str, object]
+) -> None:
+    class NoFeatures:
+        name = "plain"
+
+        def __init__(self, inner: Backend) -> None:
+            self.config, self.layers, self.cache = inner.config, inner.layers, inner.cache
+            self.forward = inner.forward
+
+    with pytest.raises(ValueError, match="does not give them"):
+        generate_speculative(NoFeatures(target), drafters["feature"], PROMPT, SamplingParams(), 4)  # type: ignore[arg-type]
+    assert target.cache.slots == ()
 
 
 def test_no_draft_sampling_draws_what_target_only_draws(target: Backend) -> None:
@@ -246,7 +319,7 @@ def test_deterministic_drafts_sample_exactly_what_target_only_samples(
                 assert got.speculative.accepted > 0
 
 
-@pytest.mark.parametrize("kind", ["model_sampled", "model", "ngram"])
+@pytest.mark.parametrize("kind", ["model_sampled", "model", "ngram", "feature"])
 def test_sampled_tokens_follow_the_target_distribution(
     target: Backend,
     drafters: dict[str, object],
@@ -269,3 +342,26 @@ def test_a_broken_acceptance_rule_is_caught(
 
     spec = _speculative_samples(target, drafters["model_sampled"], accept_everything)
     assert _chi_square_p(spec, target_only_samples) < 1e-6
+
+
+def test_feature_spec_loads_its_default_file_and_says_how_to_make_one(
+    tiny_paths: dict[str, Path],
+    tiny_feature_drafter: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models.drafter_loading import load_drafter, parse_drafter_spec
+    from models.feature_drafter import default_feature_drafter_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert str(parse_drafter_spec("feature:/x/y.gguf")) == "feature:/x/y.gguf"
+    target = tiny_paths["qwen2"]
+    with pytest.raises(FileNotFoundError, match="train-drafter --target tiny-qwen2 --kind feature"):
+        load_drafter("feature", target, "tiny-qwen2", weights="fp32", cache_root=tmp_path)
+    default = default_feature_drafter_path("tiny-qwen2")
+    assert default.parent.parent == tmp_path / "sled"
+    default.parent.mkdir(parents=True)
+    default.write_bytes(tiny_feature_drafter.read_bytes())
+    for spec in ("feature", f"feature:{tiny_feature_drafter}"):
+        drafter = load_drafter(spec, target, "tiny-qwen2", weights="fp32", cache_root=tmp_path)
+        assert isinstance(drafter, FeatureDrafter) and drafter.uses_features

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent.drafting import DrafterService, DraftFailed, RemoteDraftChannel
+from agent.drafting import DrafterService, DraftFailed, LocalDraftChannel, RemoteDraftChannel
 from agent.wire import (
     BAD_SESSION,
     MISSING_FEATURES,
@@ -287,3 +287,26 @@ async def test_bad_features_are_refused_and_the_service_goes_on(
         await conn.close()
         await listener.close()
         await service.close()
+
+
+async def test_a_local_feature_channel_sends_what_its_session_lacks(
+    feature_parts: tuple[FeatureDrafter, torch.Tensor],
+) -> None:
+    drafter, features = feature_parts
+    channel = LocalDraftChannel(drafter.open(SamplingParams()))
+    assert channel.uses_features
+    with pytest.raises(DraftFailed, match="features"):
+        await channel.propose(TEXT[:10], 3)
+    for m in (10, 12, 17):
+        draft = await channel.propose(TEXT[:m], 3, features[: m - 1])
+        fresh = drafter.open(SamplingParams())
+        assert draft.tokens == fresh.propose(TEXT[:m], 3, features[: m - 1]).tokens
+        fresh.close()
+    # Other text than what the session holds features for: it is given them all again.
+    other = [7, *TEXT[1:12]]
+    ones = torch.ones(11, features.shape[1], dtype=features.dtype)
+    draft = await channel.propose(other, 2, ones)
+    fresh = drafter.open(SamplingParams())
+    assert draft.tokens == fresh.propose(other, 2, ones).tokens
+    fresh.close()
+    await channel.close()

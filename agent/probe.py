@@ -49,7 +49,8 @@ class ModelOffer:
 
 @dataclass(frozen=True)
 class DraftOffer:
-    """This node drafts for `target` with a drafter of `kind` (ngram, model, text, trained)."""
+    """This node drafts for `target` with a drafter of `kind` (ngram, model, text, trained,
+    feature: a verifier sends a feature drafter the target's features with each request)."""
 
     target: str
     kind: str

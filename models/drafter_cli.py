@@ -66,6 +66,11 @@ def add_train_drafter_parser(
         default=3,
         help="answers the target writes per training prompt (--kind feature)",
     )
+    p.add_argument(
+        "--more-text",
+        action="store_true",
+        help="with --data and --kind feature: add answers to the saved text, then train on all",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_drafter)
     return p
@@ -123,6 +128,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
             report = train_feature_drafter(
                 Path(target_path), out, options, training_prompts(heldout), heldout, name, say,
                 data_path=data, samples_per_prompt=max(1, args.samples_per_prompt),
+                more_text=args.more_text,
             )  # fmt: skip
         else:
             report = train_drafter(

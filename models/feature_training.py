@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,8 +246,11 @@ def train_feature_drafter(
     cache_root: Path | None = None,
     data_path: Path | None = None,
     samples_per_prompt: int = 3,
+    more_text: bool = False,
 ) -> FeatureReport:
-    """Generate, train, save and measure a feature drafter (see the module docstring)."""
+    """With `data_path`, the target's text (and features) is saved there or reused from there;
+    `more_text` then adds answers to it within this run's generation share (the report's
+    gen_seconds counts the saved text's time too)."""
     from models.gguf_loader import GGUFFile
     from models.tokenizer import Tokenizer
 
@@ -273,32 +277,53 @@ def train_feature_drafter(
     )  # fmt: skip
     sha = target_sha256(target_path)
     reused = load_text(data_path, sha) if data_path is not None else None
-    if reused is not None and all(s.features is not None for s in reused[0] + reused[1]):
+    if reused is not None and not all(s.features is not None for s in reused[0] + reused[1]):
+        reused = None  # text saved for the other kind: no features in it
+    samples: list[Sample] = []
+    held: list[Sample] = []
+    gen_seconds = 0.0
+    if reused is not None:
         samples, held, gen_seconds = reused
-        progress(f"reusing the target's text from {data_path} (generated in {gen_seconds:.0f} s)")
-    else:
-        reused = None
+        progress(
+            f"reusing the target's text from {data_path} ({len(samples)} sequences, "
+            f"generated in {gen_seconds:.0f} s)"
+        )
+    if reused is None or more_text:
         prompt_ids = [chat_ids(tokenizer, t)[: max_len - options.max_new] for t in texts]
-        # Each prompt answered several times (each its own seed): more text from few prompts;
-        # similar lengths side by side, since new prompts are prefilled together.
-        train_ids = sorted(prompt_ids * samples_per_prompt, key=len)
+        # Each prompt answered several times (each its own seed): more text from few prompts.
+        # Answers still missing go first (a deadline cuts the rest); similar lengths side by
+        # side, since new prompts are prefilled together.
+        answered = Counter(tuple(s.tokens[: s.n_prompt]) for s in samples)
+        wanted: list[list[int]] = []
+        extra: list[list[int]] = []
+        for ids in prompt_ids:
+            missing = max(0, samples_per_prompt - answered[tuple(ids)])
+            wanted += [ids] * missing
+            extra += [ids] * (samples_per_prompt - missing)
+        train_ids = sorted(wanted, key=len) + sorted(extra, key=len)
         params = SamplingParams(
-            temperature=options.temperature, top_p=options.top_p, seed=options.seed
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed + 1_000_003 * len(samples),  # other seeds than the saved text's
         )
         gen_start = time.monotonic()
-        samples = generate_samples(
+        new = generate_samples(
             target, train_ids, options.max_new, stop_ids, params,
             deadline=start + options.gen_share * budget, desc="target writes training text",
             show=show, features=True,
         )  # fmt: skip
-        gen_seconds = time.monotonic() - gen_start
+        gen_seconds += time.monotonic() - gen_start
+        samples = samples + new
         if not samples:
             raise RuntimeError("the time budget ended before the target generated any text")
-        held_ids = [chat_ids(tokenizer, t)[: max_len - options.heldout_new] for t in heldout_texts]
-        held = generate_samples(
-            target, held_ids, options.heldout_new, stop_ids, SamplingParams(),
-            desc="target answers held-out prompts", show=show, features=True,
-        )  # fmt: skip
+        if not held:
+            held_ids = [
+                chat_ids(tokenizer, t)[: max_len - options.heldout_new] for t in heldout_texts
+            ]
+            held = generate_samples(
+                target, held_ids, options.heldout_new, stop_ids, SamplingParams(),
+                desc="target answers held-out prompts", show=show, features=True,
+            )  # fmt: skip
         if data_path is not None:
             save_text(data_path, sha, samples, held, gen_seconds)
     n_tokens = sum(s.n_gen for s in samples)

@@ -177,3 +177,16 @@ def test_untrained_weights_load_for_any_tiny_target(tiny_path: Path, tmp_path: P
     feats = torch.randn(len(tokens) - 1, drafter.config.dim)
     draft = drafter.open(SamplingParams()).propose(tokens, 5, feats)
     assert draft.k == 5 and time.perf_counter() - start < 30
+
+
+def test_repeated_text_is_drafted_by_prompt_lookup(trained: Trained) -> None:
+    drafter = trained.load()
+    tokens = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7]
+    feats = _features(trained, tokens)
+    draft = drafter.open(SamplingParams()).propose(tokens, 4, feats[:-1])
+    assert draft.tokens == (8, 9, 10, 11)  # what followed 5 6 7 before
+    drafter.lookup = False
+    block = drafter.open(SamplingParams()).propose(tokens, 4, feats[:-1])
+    slot = drafter.backend.cache.allocate()
+    out = drafter.backend.forward([slot], [drafter.inputs(tokens[1:], feats[:-1])])[0]
+    assert block.tokens[0] == int(drafter.vocab_ids[drafter.logits(out[-1]).argmax()])

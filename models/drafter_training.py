@@ -120,10 +120,60 @@ class TrainReport:
     cost_ratio: float
     threads: int
     text_reused: bool
+    kind: str = "trained"  # or "feature" (models/feature_training.py; layers 0)
     losses: list[float] = field(default_factory=list)
 
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Run:
+    """What training either kind of drafter starts from: the target loaded for generating,
+    its tokenizer's stop ids and the training prompts left after the held-out ones."""
+
+    start: float
+    name: str
+    gf: GGUFFile
+    tokenizer: Any  # models.tokenizer.Tokenizer
+    stop_ids: list[int]
+    texts: list[str]
+    max_len: int
+    target: Backend
+    sha: str
+
+
+def start_run(
+    target_path: Path,
+    options: TrainOptions,
+    train_texts: Sequence[str],
+    heldout_texts: Sequence[str],
+    target_name: str | None,
+    progress: Callable[[str], None],
+    cache_root: Path | None,
+) -> Run:
+    from models.tokenizer import Tokenizer
+
+    start = time.monotonic()
+    target_path = Path(target_path)
+    name = target_name or target_path.name.removesuffix(".gguf")
+    gf = GGUFFile(target_path)
+    tokenizer = Tokenizer.from_gguf(target_path)
+    banned = set(heldout_texts)
+    texts = [t for t in train_texts if t not in banned]
+    if options.max_prompts:
+        texts = texts[: options.max_prompts]
+    if not texts:
+        raise ValueError("no training prompts left after removing the held-out ones")
+    progress(f"loading target {name} ({options.weights}, {options.slots} slots)")
+    max_len = min(gf.config.context_length, 1024)
+    target = load_backend(
+        target_path, weights=options.weights, max_slots=options.slots, max_len=max_len,
+        cache_root=cache_root,
+    )  # fmt: skip
+    stop_ids = list(getattr(tokenizer, "stop_ids", ()))
+    sha = target_sha256(target_path)
+    return Run(start, name, gf, tokenizer, stop_ids, texts, max_len, target, sha)
 
 
 def _quiet(_: str) -> None:
@@ -545,36 +595,21 @@ def train_drafter(
 
     With `data_path`, the target's text (training and held-out samples) is saved there, or
     reused from there when it was generated for the same target file."""
-    from models.tokenizer import Tokenizer
-
-    start = time.monotonic()
     budget = options.minutes * 60.0
-    target_path = Path(target_path)
-    name = target_name or target_path.name.removesuffix(".gguf")
-    gf = GGUFFile(target_path)
-    config = gf.config
+    config = GGUFFile(target_path).config
     layers = options.layers
     if not 1 <= layers <= config.n_layers - 2:
         raise ValueError(f"--layers must be in [1, {config.n_layers - 2}] for this target")
     init_layer = layers if options.init_layer < 0 else options.init_layer
     if not 0 <= init_layer < config.n_layers:
         raise ValueError(f"init layer must be in [0, {config.n_layers})")
-    tokenizer = Tokenizer.from_gguf(target_path)
-    stop_ids = list(getattr(tokenizer, "stop_ids", ()))
-    banned = set(heldout_texts)
-    texts = [t for t in train_texts if t not in banned]
-    if options.max_prompts:
-        texts = texts[: options.max_prompts]
-    if not texts:
-        raise ValueError("no training prompts left after removing the held-out ones")
-
-    progress(f"loading target {name} ({options.weights}, {options.slots} slots)")
-    max_len = min(config.context_length, 1024)
-    target = load_backend(
-        target_path, weights=options.weights, max_slots=options.slots, max_len=max_len,
-        cache_root=cache_root,
+    run = start_run(
+        target_path, options, train_texts, heldout_texts, target_name, progress, cache_root
+    )
+    start, name, gf, tokenizer = run.start, run.name, run.gf, run.tokenizer
+    stop_ids, texts, max_len, target, sha = (
+        run.stop_ids, run.texts, run.max_len, run.target, run.sha
     )  # fmt: skip
-    sha = target_sha256(target_path)
     reused = load_text(data_path, sha) if data_path is not None else None
     if reused is not None:
         samples, held, gen_seconds = reused

@@ -28,8 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
-import numpy as np
 import torch
 
 from models.config import ModelConfig
@@ -43,7 +41,9 @@ from models.trained_drafter import (
     DrafterFileError,
     DrafterTargetMismatchError,
     check_adapter,
+    read_drafter_file,
     target_sha256,
+    write_drafter_file,
 )
 from models.weight_formats import (
     PackedSegment,
@@ -94,48 +94,21 @@ class FeatureDrafterWeights:
 
 def save_feature_drafter(weights: FeatureDrafterWeights, path: Path) -> Path:
     """Write the drafter file atomically (matrices float16, norms and biases float32)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    writer.add_uint32(KEY + "format", FORMAT_VERSION)
-    writer.add_string(KEY + "target_sha256", weights.target_sha256)
-    writer.add_string(KEY + "target_name", weights.target_name)
-    for name, value in sorted(weights.info.items()):
-        writer.add_float32(KEY + "info." + name, float(value))
-    writer.add_tensor("vocab_ids", weights.vocab_ids.to(torch.int32).numpy())
-    writer.add_tensor("fc", weights.fc.to(torch.float16).numpy())
-    writer.add_tensor("output", weights.head.to(torch.float16).numpy())
-    for name, tensor in sorted(weights.block.items()):
-        t = tensor.float() if tensor.dim() == 1 else tensor.to(torch.float16)
-        writer.add_tensor("block." + name, t.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
-    return path
+    meta: dict[str, str | int] = {
+        "format": FORMAT_VERSION,
+        "target_sha256": weights.target_sha256,
+        "target_name": weights.target_name,
+    }
+    tensors = {"vocab_ids": weights.vocab_ids, "fc": weights.fc, "output": weights.head} | {
+        "block." + name: t for name, t in sorted(weights.block.items())
+    }
+    return write_drafter_file(path, ARCH, KEY, meta, weights.info, tensors)
 
 
 def load_feature_drafter_weights(path: Path) -> FeatureDrafterWeights:
     """Read a feature drafter file; DrafterFileError (with the path) when it is not a whole one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DrafterFileError(f"feature drafter file not found: {path}")
+    fields, tensors, info = read_drafter_file(path, KEY, FORMAT_VERSION, "feature drafter")
     try:
-        reader = gguf.GGUFReader(path, "r")
-        fields = {name: f.contents() for name, f in reader.fields.items()}
-        if fields.get(KEY + "format") != FORMAT_VERSION:
-            raise DrafterFileError(
-                f"{path} is not a sled feature drafter file of format {FORMAT_VERSION} "
-                f"(found {fields.get(KEY + 'format')!r})"
-            )
-        tensors = {
-            t.name: torch.from_numpy(
-                np.array(t.data, copy=True).reshape([int(d) for d in reversed(t.shape)])
-            )
-            for t in reader.tensors
-        }
         return FeatureDrafterWeights(
             target_sha256=str(fields[KEY + "target_sha256"]),
             target_name=str(fields[KEY + "target_name"]),
@@ -147,18 +120,10 @@ def load_feature_drafter_weights(path: Path) -> FeatureDrafterWeights:
                 if name.startswith("block.")
             },
             head=tensors["output"].float(),
-            info={
-                name.removeprefix(KEY + "info."): float(value)
-                for name, value in fields.items()
-                if name.startswith(KEY + "info.")
-            },
+            info=info,
         )
     except KeyError as exc:
         raise DrafterFileError(f"{path} lacks {exc} (truncated or not a feature drafter)") from exc
-    except (ValueError, OSError, IndexError, TypeError) as exc:
-        if isinstance(exc, DrafterFileError):
-            raise
-        raise DrafterFileError(f"{path} is not a readable feature drafter file ({exc})") from exc
 
 
 def _pack_matrix(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> dict:

@@ -23,25 +23,27 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models.backend import Backend, load_backend
+from models.backend import Backend
 from models.config import ModelConfig
 from models.drafter_training import (
     DrafterNet,
     Progress,
     Sample,
     TrainOptions,
+    TrainReport,
     _quiet,
     chat_ids,
     generate_samples,
     load_text,
     reduced_vocabulary,
     save_text,
+    start_run,
     train_net,
 )
 from models.feature_drafter import (
@@ -51,34 +53,9 @@ from models.feature_drafter import (
     save_feature_drafter,
 )
 from models.sampling import SamplingParams
-from models.trained_drafter import target_sha256
 
 CLS_WEIGHT = 0.3  # cross-entropy against the teacher, next to the feature regression
 NOISE = 0.1  # uniform input-feature noise, in units of the features' RMS
-
-
-@dataclass(frozen=True)
-class FeatureReport:
-    path: str
-    target: str
-    vocab: int
-    train_sequences: int
-    train_tokens: int
-    gen_seconds: float
-    train_seconds: float
-    total_seconds: float
-    steps: int
-    epochs: float
-    agreement_before: float
-    agreement: float
-    heldout_positions: int
-    drafter_step_s: float
-    target_step_s: float
-    cost_ratio: float
-    threads: int
-    text_reused: bool
-    kind: str = "feature"
-    losses: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -247,35 +224,18 @@ def train_feature_drafter(
     data_path: Path | None = None,
     samples_per_prompt: int = 3,
     more_text: bool = False,
-) -> FeatureReport:
+) -> TrainReport:
     """With `data_path`, the target's text (and features) is saved there or reused from there;
     `more_text` then adds answers to it within this run's generation share (the report's
     gen_seconds counts the saved text's time too)."""
-    from models.gguf_loader import GGUFFile
-    from models.tokenizer import Tokenizer
-
-    start = time.monotonic()
     budget = options.minutes * 60.0
-    target_path = Path(target_path)
-    name = target_name or target_path.name.removesuffix(".gguf")
-    gf = GGUFFile(target_path)
-    config = gf.config
-    tokenizer = Tokenizer.from_gguf(target_path)
-    stop_ids = list(getattr(tokenizer, "stop_ids", ()))
-    banned = set(heldout_texts)
-    texts = [t for t in train_texts if t not in banned]
-    if options.max_prompts:
-        texts = texts[: options.max_prompts]
-    if not texts:
-        raise ValueError("no training prompts left after removing the held-out ones")
-
-    progress(f"loading target {name} ({options.weights}, {options.slots} slots)")
-    max_len = min(config.context_length, 1024)
-    target = load_backend(
-        target_path, weights=options.weights, max_slots=options.slots, max_len=max_len,
-        cache_root=cache_root,
+    run = start_run(
+        target_path, options, train_texts, heldout_texts, target_name, progress, cache_root
+    )
+    start, name, config, tokenizer = run.start, run.name, run.gf.config, run.tokenizer
+    stop_ids, texts, max_len, target, sha = (
+        run.stop_ids, run.texts, run.max_len, run.target, run.sha
     )  # fmt: skip
-    sha = target_sha256(target_path)
     reused = load_text(data_path, sha) if data_path is not None else None
     if reused is not None and not all(s.features is not None for s in reused[0] + reused[1]):
         reused = None  # text saved for the other kind: no features in it
@@ -370,9 +330,10 @@ def train_feature_drafter(
     agree, positions = feature_agreement(drafter, held)
     context = held[0].tokens if held else samples[0].tokens
     d_step, t_step = feature_step_costs(target, drafter, context[:128])
-    return FeatureReport(
+    return TrainReport(
         path=str(out_path),
         target=name,
+        layers=0,
         vocab=int(vocab_ids.shape[0]),
         train_sequences=len(samples),
         train_tokens=n_tokens,
@@ -389,5 +350,6 @@ def train_feature_drafter(
         cost_ratio=round(d_step / t_step, 4),
         threads=torch.get_num_threads(),
         text_reused=reused is not None,
+        kind="feature",
         losses=[round(x, 4) for x in losses],
     )

@@ -96,24 +96,33 @@ class DrafterWeights:
             raise DrafterFileError(f"layers must be >= 1, got {self.layers}")
 
 
-def save_drafter(weights: DrafterWeights, path: Path) -> Path:
-    """Write the drafter file atomically (matrices as float16, norms float32)."""
+def write_drafter_file(
+    path: Path,
+    arch: str,
+    key: str,
+    meta: Mapping[str, str | int],
+    info: Mapping[str, float],
+    tensors: Mapping[str, torch.Tensor],
+) -> Path:
+    """Write a drafter GGUF atomically: `meta` (strings and uint32s) and `info` (float32s)
+    under `key`, matrices as float16, vectors (norms, biases) as float32, int tensors as int32."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    writer.add_uint32(KEY + "format", FORMAT_VERSION)
-    writer.add_string(KEY + "target_sha256", weights.target_sha256)
-    writer.add_string(KEY + "target_name", weights.target_name)
-    writer.add_uint32(KEY + "layers", weights.layers)
-    for name, value in sorted(weights.info.items()):
-        writer.add_float32(KEY + "info." + name, float(value))
-    writer.add_tensor("vocab_ids", weights.vocab_ids.to(torch.int32).numpy())
-    writer.add_tensor("output_norm", weights.final_norm.float().numpy())
-    writer.add_tensor("output", weights.head.to(torch.float16).numpy())
-    for name, tensor in sorted(weights.adapter.items()):
-        t = tensor.float() if tensor.dim() == 1 else tensor.to(torch.float16)
-        writer.add_tensor("adapter." + name, t.numpy())
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for name, value in meta.items():
+        if isinstance(value, str):
+            writer.add_string(key + name, value)
+        else:
+            writer.add_uint32(key + name, int(value))
+    for name, number in sorted(info.items()):
+        writer.add_float32(key + "info." + name, float(number))
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            t = tensor.to(torch.int32)
+        else:
+            t = tensor.float() if tensor.dim() == 1 else tensor.to(torch.float16)
+        writer.add_tensor(name, t.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -122,47 +131,70 @@ def save_drafter(weights: DrafterWeights, path: Path) -> Path:
     return path
 
 
-def load_drafter_weights(path: Path) -> DrafterWeights:
-    """Read a drafter file; DrafterFileError (with the path) when it is not a whole one."""
+def read_drafter_file(
+    path: Path, key: str, version: int, what: str = "drafter"
+) -> tuple[dict[str, object], dict[str, torch.Tensor], dict[str, float]]:
+    """(fields, tensors, info) of a drafter GGUF written with `key` and format `version`;
+    DrafterFileError (with the path) when it is missing, unreadable or another format."""
     path = Path(path)
     if not path.is_file():
-        raise DrafterFileError(f"drafter file not found: {path}")
+        raise DrafterFileError(f"{what} file not found: {path}")
     try:
         reader = gguf.GGUFReader(path, "r")
         fields = {name: f.contents() for name, f in reader.fields.items()}
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
-        raise DrafterFileError(f"{path} is not a readable drafter file ({exc})") from exc
-    if fields.get(KEY + "format") != FORMAT_VERSION:
-        raise DrafterFileError(
-            f"{path} is not a sled drafter file of format {FORMAT_VERSION} "
-            f"(found {fields.get(KEY + 'format')!r})"
-        )
-    try:
+        if fields.get(key + "format") != version:
+            raise DrafterFileError(
+                f"{path} is not a sled {what} file of format {version} "
+                f"(found {fields.get(key + 'format')!r})"
+            )
         tensors = {
             t.name: torch.from_numpy(
                 np.array(t.data, copy=True).reshape([int(d) for d in reversed(t.shape)])
             )
             for t in reader.tensors
         }
+    except DrafterFileError:
+        raise
     except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
-        raise DrafterFileError(f"{path} is not a readable drafter file ({exc})") from exc
+        raise DrafterFileError(f"{path} is not a readable {what} file ({exc})") from exc
+    info = {
+        name.removeprefix(key + "info."): float(value)
+        for name, value in fields.items()
+        if name.startswith(key + "info.")
+    }
+    return fields, tensors, info
+
+
+def save_drafter(weights: DrafterWeights, path: Path) -> Path:
+    """Write the drafter file atomically (matrices as float16, norms float32)."""
+    meta: dict[str, str | int] = {
+        "format": FORMAT_VERSION,
+        "target_sha256": weights.target_sha256,
+        "target_name": weights.target_name,
+        "layers": weights.layers,
+    }
+    tensors = {
+        "vocab_ids": weights.vocab_ids,
+        "output_norm": weights.final_norm,
+        "output": weights.head,
+    } | {"adapter." + name: t for name, t in sorted(weights.adapter.items())}
+    return write_drafter_file(path, ARCH, KEY, meta, weights.info, tensors)
+
+
+def load_drafter_weights(path: Path) -> DrafterWeights:
+    """Read a drafter file; DrafterFileError (with the path) when it is not a whole one."""
+    fields, tensors, info = read_drafter_file(path, KEY, FORMAT_VERSION)
     try:
-        adapter = {
-            name.removeprefix("adapter."): t.float()
-            for name, t in tensors.items()
-            if name.startswith("adapter.")
-        }
-        info = {
-            name.removeprefix(KEY + "info."): float(value)
-            for name, value in fields.items()
-            if name.startswith(KEY + "info.")
-        }
         return DrafterWeights(
             target_sha256=str(fields[KEY + "target_sha256"]),
             target_name=str(fields[KEY + "target_name"]),
-            layers=int(fields[KEY + "layers"]),
+            layers=int(fields[KEY + "layers"]),  # type: ignore[call-overload]
             vocab_ids=tensors["vocab_ids"].to(torch.int64).reshape(-1),
-            adapter=adapter,
+            adapter={
+                name.removeprefix("adapter."): t.float()
+                for name, t in tensors.items()
+                if name.startswith("adapter.")
+            },
             final_norm=tensors["output_norm"].float().reshape(-1),
             head=tensors["output"].float(),
             info=info,

@@ -13,7 +13,7 @@ import torch
 
 from models.backend import load_backend
 from models.drafter_prompts import training_prompts
-from models.drafter_training import TrainOptions
+from models.drafter_training import TrainOptions, TrainReport
 from models.feature_drafter import (
     FeatureDrafter,
     MissingFeaturesError,
@@ -21,7 +21,7 @@ from models.feature_drafter import (
     load_feature_drafter_weights,
     save_feature_drafter,
 )
-from models.feature_training import FeatureReport, train_feature_drafter
+from models.feature_training import train_feature_drafter
 from models.sampling import SamplingParams
 from models.speculative import check_draft
 from models.trained_drafter import DrafterFileError, DrafterTargetMismatchError
@@ -33,7 +33,7 @@ VOCAB = 64
 class Trained:
     target: Path
     cache: Path
-    report: FeatureReport
+    report: TrainReport
 
     @property
     def path(self) -> Path:

@@ -1,6 +1,6 @@
 """Transport bench: sled frames against raw sockets on the same loopback, side by side.
 
-    python bench/transport.py [--quick] [--pin]
+    python bench/transport.py [--quick] [--pin | --one-core]
 
 Two figures, each measured for three senders in many short alternating rounds against servers
 started once:
@@ -20,7 +20,9 @@ work the wall-clock figures move with the load from round to round; CPU time mov
 (it still grows when other work evicts our caches). The "CPU time" throughput ratio compares
 the busier end per frame (raw/sled); the round-trip one, both ends together (sled/raw).
 
-Receiver and sender run in separate processes (with --pin, on separate cores). Every figure
+Receiver and sender run in separate processes (with --pin, on separate cores; with --one-core,
+both on the first core, which is what --pin did until the servers were started before the
+sender pinned itself: they inherited its one core). Every figure
 is the median of the best third of that sender's rounds (see `best_third`). The ratios in the
 JSON line are sled / raw asyncio (uvloop) sockets, the baseline with the same event-loop
 machinery; the blocking-socket ratios are printed above it.
@@ -432,13 +434,14 @@ def main() -> int:
         "--rounds", type=int, default=0, help="rounds per sender (default 15, quick 9)"
     )
     parser.add_argument("--pin", action="store_true", help="pin sender and receiver to cores")
+    parser.add_argument(
+        "--one-core", action="store_true", help="pin sender and receiver to the first core"
+    )
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.pin)
         return 0
-    if args.pin:
-        pin(0)
     # Many short rounds, alternating senders: on a machine shared with other work the best
     # rounds of each sender are the least disturbed, and every sender gets the same chances.
     frames, pings = (100, 1000) if args.quick else (200, 2000)
@@ -446,7 +449,11 @@ def main() -> int:
     frame_len = len(frame_bytes()[0])
     key = ClusterKey.from_secret(KEY_SECRET)
     load_before = os.getloadavg()[0]  # other work on the machine, printed with the results
+    if args.one_core:
+        pin(0)  # before the servers start: they inherit it
     servers = {mode: start_server(mode, args.pin) for mode in MODES}
+    if args.pin:  # after the servers start: they would inherit the sender's one core
+        pin(0)
     results: dict[str, list[Figures]] = {m: [] for m in MODES}
     try:
         for r in range(rounds):
@@ -465,6 +472,7 @@ def main() -> int:
         for server, _ in servers.values():  # the server processes started above
             server.kill()
             server.wait(timeout=10)
+    placement = "one core" if args.one_core else "separate cores" if args.pin else "unpinned"
     # Per sender, each figure is the median of its best third of rounds (see best_third).
     good = {
         m: Figures(
@@ -479,7 +487,7 @@ def main() -> int:
     print(
         f"\n{frames} frames of {frame_len} bytes (1.5 MiB float32 tensor + header), "
         f"{pings} round trips, {rounds} rounds; load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs; "
+        f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs, {placement}; "
         "medians of the best third of rounds"
     )
     print(

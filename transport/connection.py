@@ -84,8 +84,6 @@ NODE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 HANDSHAKE, OPEN, CLOSING, CLOSED = "handshake", "open", "closing", "closed"
 _HANDLER_TASK: Final = "sled handler"
-# Most bytes of a large frame to wait for in one wakeup (see Connection._wake_at).
-RCVLOWAT_MAX: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -108,6 +106,23 @@ class ConnectionConfig:
     max_inflight: int = 64  # inbound handler tasks before we stop reading the socket
     write_high: int = 4 * 1024 * 1024  # write buffer bytes above which our own sends wait
     write_low: int = 1024 * 1024
+    # SO_SNDBUF (the kernel doubles it for its bookkeeping); None keeps its autotuning (up
+    # to tcp_wmem's 4 MiB). A bounded socket buffer keeps the sender from copying frames
+    # far ahead of the reader: the receiver then copies bytes that are still in cache.
+    # It also caps a connection at ~1 MiB in flight: ~1 GB/s at a 1 ms round trip.
+    # Figures in transport/README.md (bench).
+    send_buffer: int | None = 512 * 1024
+    # Most bytes of a large frame to wait for in one wakeup (SO_RCVLOWAT, see
+    # Connection._wake_at). Keep it well below what a peer can have unacknowledged (its
+    # send buffer): a reader that waits for more than that stalls each frame until its
+    # delayed-ACK timer fires (1 MiB against a 256 KiB SO_SNDBUF: ~3 ms per 1.5 MiB frame).
+    wake_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.send_buffer is not None and self.send_buffer <= 0:
+            raise ValueError("send_buffer must be positive or None")
+        if self.wake_bytes < 1:
+            raise ValueError("wake_bytes must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -281,6 +296,7 @@ class Connection(asyncio.BufferedProtocol):
         self.get_buffer = self._reader.get_buffer  # type: ignore[method-assign]
         self._socket: socket.socket | None = None  # for SO_RCVLOWAT (Linux), see _wake_at
         self._rcvlowat = 1
+        self._wake_bytes = self.config.wake_bytes
         self._inq_seen = -1
         self._codec = Codec(self.config.registry, self.config.limits)
         self._state = HANDSHAKE
@@ -458,8 +474,12 @@ class Connection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        transport.set_write_buffer_limits(high=self.config.write_high, low=self.config.write_low)
+        config = self.config
+        transport.set_write_buffer_limits(high=config.write_high, low=config.write_low)
         sock = transport.get_extra_info("socket")
+        if config.send_buffer is not None and sock is not None:
+            with contextlib.suppress(OSError):  # not a TCP socket, or refused: autotuning
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
         if sys.platform == "linux" and sock is not None and sock.type == socket.SOCK_STREAM:
             # Our own socket object on a duplicate descriptor (closed with the connection, see
             # _drop_socket): setting an option through the transport's pseudo-socket builds a
@@ -490,7 +510,7 @@ class Connection(asyncio.BufferedProtocol):
             self._violation(exc)
             return
         if (reader.filling or self._rcvlowat != 1) and self._socket is not None:
-            self._wake_at(min(reader.missing, RCVLOWAT_MAX) or 1)
+            self._wake_at(min(reader.missing, self._wake_bytes) or 1)
         decode = self._codec.decode
         for body in bodies:
             if self._state not in (HANDSHAKE, OPEN):

@@ -391,6 +391,8 @@ async def test_large_frames_with_small_socket_buffers(send_buffer: int, wake_byt
         conn = await connect("127.0.0.1", listener.port, Identity("client", KEY), config=config)
         if sys.platform == "linux":
             assert send_buffer_of(conn) == 2 * send_buffer
+        # waits for at most half its own send buffer (a peer configured alike can send more)
+        assert conn._wake_bytes == min(wake_bytes, send_buffer // 2)
         for i in range(3):
             tokens = np.arange(i, i + 300_000)  # 2.4 MB
             reply = await asyncio.wait_for(conn.request(Tokens("double", tokens), Tokens), 5)

@@ -113,10 +113,12 @@ class ConnectionConfig:
     # Figures in transport/README.md (bench).
     send_buffer: int | None = 512 * 1024
     # Most bytes of a large frame to wait for in one wakeup (SO_RCVLOWAT, see
-    # Connection._wake_at). Keep it well below what a peer can have unacknowledged (its
-    # send buffer): a reader that waits for more than that stalls each frame until its
-    # delayed-ACK timer fires (1 MiB against a 256 KiB SO_SNDBUF: ~3 ms per 1.5 MiB frame).
-    wake_bytes: int = 256 * 1024
+    # Connection._wake_at). It must stay well below what the peer can have unacknowledged
+    # (its send buffer): a reader waiting for more stalls each frame until its delayed-ACK
+    # timer fires (~3 ms per 1.5 MiB frame here). The peer's buffer is unknown; nodes of a
+    # cluster share their config, so a connection also waits for at most half its own
+    # send_buffer (a quarter of what the kernel makes of it).
+    wake_bytes: int = 128 * 1024
 
     def __post_init__(self) -> None:
         if self.send_buffer is not None and self.send_buffer <= 0:
@@ -296,7 +298,8 @@ class Connection(asyncio.BufferedProtocol):
         self.get_buffer = self._reader.get_buffer  # type: ignore[method-assign]
         self._socket: socket.socket | None = None  # for SO_RCVLOWAT (Linux), see _wake_at
         self._rcvlowat = 1
-        self._wake_bytes = self.config.wake_bytes
+        wake, send_buffer = self.config.wake_bytes, self.config.send_buffer
+        self._wake_bytes = wake if send_buffer is None else max(1, min(wake, send_buffer // 2))
         self._inq_seen = -1
         self._codec = Codec(self.config.registry, self.config.limits)
         self._state = HANDSHAKE

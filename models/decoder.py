@@ -22,6 +22,8 @@ RMSNorms multiply by the stored weight (Gemma's +1 is already in its GGUF norms)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,7 @@ class Block(nn.Module):
         self.sliding = sliding
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.eps, self.scale = c.norm_eps, c.attn_scale
+        self.window = c.sliding_window
         self.gelu = c.activation == "gelu_tanh"
         self.qkv = linear_from_packed(split_prefix(packed, "qkv"))
         self.wo = linear_from_packed(split_prefix(packed, "wo"))
@@ -84,6 +87,7 @@ class Block(nn.Module):
         mask: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
+        rows: tuple[Sequence[int], Sequence[int], int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bsz, t = x.shape[0], x.shape[1]
         h, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -103,8 +107,17 @@ class Block(nn.Module):
         values = torch.cat([past_v, v], dim=2)
         # GQA without repeating K/V: the rep query heads that share a kv head become rep * T
         # query rows of one attention problem (`mask` comes with its rows tiled: `gqa_mask`).
-        qg = q.reshape(bsz, kvh, rep * t, hd)
-        attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
+        batched: torch.Tensor | None = None
+        if rows is None or max(rows[1]) > rows[2]:
+            qg = q.reshape(bsz, kvh, rep * t, hd)
+            batched = F.scaled_dot_product_attention(
+                qg, keys, values, attn_mask=mask, scale=self.scale
+            )
+        if rows is not None:
+            attn = self._attention_by_row(q, keys, values, past_k.shape[2], rows, batched)
+        else:
+            assert batched is not None
+            attn = batched
         attn = attn.reshape(bsz, h, t, hd).transpose(1, 2).reshape(bsz, t, h * hd)
         out = self.wo(attn)
         if self.post_norms:
@@ -116,6 +129,52 @@ class Block(nn.Module):
         if self.post_norms:
             out = rms_norm(out, self.post_ffn_norm, self.eps)
         return x + out, k, v
+
+    def _attention_by_row(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        padded_past: int,
+        rows: tuple[Sequence[int], Sequence[int], int],
+        batched: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention one query token at a time over exactly the keys it sees, in the shapes a
+        one-token pass of one session has: a token's result then does not depend on how many
+        tokens or sessions share its pass, so a k-token verify pass decides what k one-token
+        steps would (greedy speculative text equals target-only text bit for bit).
+
+        rows = (past lengths, new counts, limit): sessions bringing more than `limit` tokens (a
+        prefill chunk) keep their rows of `batched`, the one masked call over the pass.
+        q [B, h, T, hd] -> [B, kvh, rep * T, hd] like the batched path (padding rows zero)."""
+        bsz, h, t, hd = q.shape
+        kvh = self.n_kv_heads
+        rep = h // kvh
+        if batched is None:
+            out = torch.zeros(bsz, kvh, rep, t, hd, dtype=q.dtype)
+        else:
+            out = batched.reshape(bsz, kvh, rep, t, hd).clone()
+        window = self.window if self.sliding else 0
+        pasts, counts, limit = rows
+        for b, (past, new) in enumerate(zip(pasts, counts, strict=True)):
+            if new > limit:
+                continue
+            for i in range(new):
+                end = past + i + 1  # keys of positions 0..past+i
+                start = max(0, end - window) if window else 0
+                if past == padded_past:
+                    kk, vv = keys[b, :, start:end], values[b, :, start:end]
+                else:  # this session's past is zero-padded to the longest: skip the padding
+                    stop = padded_past + i + 1
+                    kk = torch.cat([keys[b, :, start:past], keys[b, :, padded_past:stop]], 1)
+                    vv = torch.cat([values[b, :, start:past], values[b, :, padded_past:stop]], 1)
+                    if start > past:
+                        kk, vv = kk[:, start - past :], vv[:, start - past :]
+                qi = q[b, :, i].reshape(1, kvh, rep, hd)
+                out[b, :, :, i] = F.scaled_dot_product_attention(
+                    qi, kk[None], vv[None], scale=self.scale
+                )[0]
+        return out.reshape(bsz, kvh, rep * t, hd)
 
 
 class DecoderCore(nn.Module):
@@ -167,7 +226,10 @@ class DecoderCore(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         apply_head: bool = True,
+        rows: tuple[Sequence[int], Sequence[int], int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`rows` (torch backend only: (past lengths, new counts, limit)) runs attention token
+        by token for sessions bringing at most `limit` tokens (Block._attention_by_row)."""
         h = self.embed(x, cos.dtype) if self.first else x
         # Mask rows tiled for grouped-query attention once per pass, not once per layer.
         mask, mask_local = gqa_mask(mask, self.config), gqa_mask(mask_local, self.config)
@@ -175,9 +237,9 @@ class DecoderCore(nn.Module):
         new_v: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             if block.sliding:
-                h, k, v = block(h, cos_local, sin_local, mask_local, past_k[i], past_v[i])
+                h, k, v = block(h, cos_local, sin_local, mask_local, past_k[i], past_v[i], rows)
             else:
-                h, k, v = block(h, cos, sin, mask, past_k[i], past_v[i])
+                h, k, v = block(h, cos, sin, mask, past_k[i], past_v[i], rows)
             new_k.append(k)
             new_v.append(v)
         out = self.logits(h) if (self.last and apply_head) else h

@@ -12,6 +12,11 @@ from models.decoder import DecoderCore, rms_norm
 from models.kv_cache import KVCache
 from models.weight_formats import PackedSegment, activation_dtype
 
+# Sessions that bring at most this many tokens to a pass (decode steps, verify passes, short
+# prompts) get attention token by token, so a token's result is the same in any pass (decoder
+# `_attention_by_row`); longer ones (prefill chunks) share one batched masked call.
+ROW_ATTENTION_MAX = 16
+
 
 class TorchBackend:
     """Runs layers [a, b) for a batch of sessions; one KV cache slot per session."""
@@ -60,6 +65,7 @@ class TorchBackend:
             out, new_k, new_v = self.core(
                 prepared.x, bi.cos, bi.sin, bi.cos_local, bi.sin_local, bi.mask, bi.mask_local,
                 past_k, past_v, apply_head=apply_head,
+                rows=(past, counts, ROW_ATTENTION_MAX) if ROW_ATTENTION_MAX else None,
             )  # fmt: skip
             self.cache.write(slots, new_k, new_v, counts)
         return out, counts

@@ -150,12 +150,21 @@ class Block(nn.Module):
         bsz, h, t, hd = q.shape
         kvh = self.n_kv_heads
         rep = h // kvh
+        window = self.window if self.sliding else 0
+        pasts, counts, limit = rows
+        if bsz == 1 and t == 1 and pasts[0] == padded_past:  # a decode step: the same call
+            end = padded_past + 1
+            start = max(0, end - window) if window else 0
+            return F.scaled_dot_product_attention(
+                q.reshape(1, kvh, rep, hd),
+                keys[:, :, start:end],
+                values[:, :, start:end],
+                scale=self.scale,
+            )
         if batched is None:
             out = torch.zeros(bsz, kvh, rep, t, hd, dtype=q.dtype)
         else:
             out = batched.reshape(bsz, kvh, rep, t, hd).clone()
-        window = self.window if self.sliding else 0
-        pasts, counts, limit = rows
         for b, (past, new) in enumerate(zip(pasts, counts, strict=True)):
             if new > limit:
                 continue

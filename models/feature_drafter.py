@@ -39,8 +39,8 @@ from models.trained_drafter import (
     ADAPTER_LINEARS,
     ADAPTER_NORMS,
     DrafterFileError,
-    DrafterTargetMismatchError,
     check_adapter,
+    check_drafter_target,
     read_drafter_file,
     target_sha256,
     write_drafter_file,
@@ -191,14 +191,9 @@ class FeatureDrafter:
         """Load a drafter file against the target GGUF it was trained for."""
         trained = load_feature_drafter_weights(path)
         if check_target:
-            sha = target_sha256(Path(target_path))
-            if sha != trained.target_sha256:
-                raise DrafterTargetMismatchError(
-                    f"{path} was trained for target {trained.target_name} "
-                    f"(sha256 {trained.target_sha256[:12]}...), not for {Path(target_path).name} "
-                    f"(sha256 {sha[:12]}...); train one with "
-                    "`sled models train-drafter --kind feature`"
-                )
+            check_drafter_target(
+                path, target_path, trained.target_sha256, trained.target_name, " --kind feature"
+            )
         return cls.from_weights(trained, target_path, weights, max_slots, max_len, cache_root)
 
     @classmethod

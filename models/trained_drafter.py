@@ -96,6 +96,20 @@ class DrafterWeights:
             raise DrafterFileError(f"layers must be >= 1, got {self.layers}")
 
 
+def check_drafter_target(
+    path: Path, target_path: Path, sha256: str, target_name: str, train_flags: str = ""
+) -> None:
+    """DrafterTargetMismatchError unless the target file is the one the drafter was trained for."""
+    target_path = Path(target_path)
+    sha = target_sha256(target_path)
+    if sha != sha256:
+        raise DrafterTargetMismatchError(
+            f"{path} was trained for target {target_name} (sha256 {sha256[:12]}...), not for "
+            f"{target_path.name} (sha256 {sha[:12]}...); train one with "
+            f"`sled models train-drafter{train_flags}`"
+        )
+
+
 def write_drafter_file(
     path: Path,
     arch: str,
@@ -270,13 +284,7 @@ class TrainedDrafter:
         trained = load_drafter_weights(path)
         target_path = Path(target_path)
         if check_target:
-            sha = target_sha256(target_path)
-            if sha != trained.target_sha256:
-                raise DrafterTargetMismatchError(
-                    f"{path} was trained for target {trained.target_name} "
-                    f"(sha256 {trained.target_sha256[:12]}...), not for {target_path.name} "
-                    f"(sha256 {sha[:12]}...); train one with `sled models train-drafter`"
-                )
+            check_drafter_target(path, target_path, trained.target_sha256, trained.target_name)
         return cls.from_weights(trained, target_path, weights, max_slots, max_len, cache_root)
 
     @classmethod

@@ -54,3 +54,25 @@ def test_qwen_target_with_gemma_drafting_through_text_equals_target_only() -> No
     )
     assert result.tokens == expected
     assert result.speculative.accepted > 0
+
+
+@pytest.mark.slow
+def test_qwen_int4_verify_passes_give_target_only_text() -> None:
+    """int4 (int8 activations, bf16 attention): the bench prompt whose greedy text flipped at
+    token 35 ('meaning that you' vs 'meaning you') before attention ran token by token."""
+    import json
+    from pathlib import Path
+
+    path = real_model_path("qwen2.5-coder-1.5b-instruct")
+    tokenizer = Tokenizer.from_gguf(path)
+    target = load_backend(path, weights="int4", max_slots=1, max_len=1024)
+    bench = Path(__file__).resolve().parent.parent / "bench" / "speculative_prompts.json"
+    prompts = [p["prompt"] for p in json.loads(bench.read_text())["prompts"]]
+    question = next(p for p in prompts if "mutable" in p or "tuple" in p)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": question}])
+    expected = generate(target, prompt, SamplingParams(), 48, tokenizer.stop_ids).tokens
+    result = generate_speculative(
+        target, NgramDrafter(), prompt, SamplingParams(), 48, tokenizer.stop_ids, draft_k=4
+    )
+    assert result.tokens == expected
+    assert result.speculative.drafted > 0

@@ -88,6 +88,7 @@ class Block(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         rows: tuple[Sequence[int], Sequence[int], int] | None = None,
+        direct: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bsz, t = x.shape[0], x.shape[1]
         h, kvh, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -103,6 +104,10 @@ class Block(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if direct is not None:
+            assert rows is not None
+            attn = self._attention_direct(q, k, v, direct, rows)
+            return self._finish(x, attn), k, v
         keys = torch.cat([past_k, k], dim=2)
         values = torch.cat([past_v, v], dim=2)
         # GQA without repeating K/V: the rep query heads that share a kv head become rep * T
@@ -118,6 +123,12 @@ class Block(nn.Module):
         else:
             assert batched is not None
             attn = batched
+        return self._finish(x, attn), k, v
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual and feed-forward of attention output [B, kvh, rep*T, hd]."""
+        bsz, t = x.shape[0], x.shape[1]
+        h, hd = self.n_heads, self.head_dim
         attn = attn.reshape(bsz, h, t, hd).transpose(1, 2).reshape(bsz, t, h * hd)
         out = self.wo(attn)
         if self.post_norms:
@@ -128,7 +139,48 @@ class Block(nn.Module):
         out = self.down(act * up)
         if self.post_norms:
             out = rms_norm(out, self.post_ffn_norm, self.eps)
-        return x + out, k, v
+        return x + out
+
+    def _attention_direct(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        direct: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        rows: tuple[Sequence[int], Sequence[int], int],
+    ) -> torch.Tensor:
+        """Row attention (see _attention_by_row) straight over each session's cache buffers
+        (this layer's [kvh, capacity, hd]), after writing the session's new K/V there: no
+        padded copy of every session's past per pass and layer. Every session brings at most
+        `limit` tokens. Returns [B, kvh, rep * T, hd] like the batched path."""
+        bsz, h, t, hd = q.shape
+        kvh = self.n_kv_heads
+        rep = h // kvh
+        window = self.window if self.sliding else 0
+        pasts, counts, _ = rows
+        for b, (past, new) in enumerate(zip(pasts, counts, strict=True)):
+            kb, vb = direct[b]
+            kb[:, past : past + new] = k[b, :, :new]
+            vb[:, past : past + new] = v[b, :, :new]
+        if bsz == 1 and t == 1:  # a decode step: one call, nothing to assemble
+            kb, vb = direct[0]
+            end = pasts[0] + 1
+            start = max(0, end - window) if window else 0
+            return F.scaled_dot_product_attention(
+                q.reshape(1, kvh, rep, hd), kb[None, :, start:end], vb[None, :, start:end],
+                scale=self.scale,
+            )  # fmt: skip
+        out = torch.zeros(bsz, kvh, rep, t, hd, dtype=q.dtype)
+        for b, (past, new) in enumerate(zip(pasts, counts, strict=True)):
+            kb, vb = direct[b]
+            for i in range(new):
+                end = past + i + 1  # keys of positions 0..past+i
+                start = max(0, end - window) if window else 0
+                qi = q[b, :, i].reshape(1, kvh, rep, hd)
+                out[b, :, :, i] = F.scaled_dot_product_attention(
+                    qi, kb[None, :, start:end], vb[None, :, start:end], scale=self.scale
+                )[0]
+        return out.reshape(bsz, kvh, rep * t, hd)
 
     def _attention_by_row(
         self,
@@ -236,20 +288,29 @@ class DecoderCore(nn.Module):
         past_v: torch.Tensor,
         apply_head: bool = True,
         rows: tuple[Sequence[int], Sequence[int], int] | None = None,
+        direct: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`rows` (torch backend only: (past lengths, new counts, limit)) runs attention token
-        by token for sessions bringing at most `limit` tokens (Block._attention_by_row)."""
+        by token for sessions bringing at most `limit` tokens (Block._attention_by_row).
+        `direct` (with `rows`, every session within the limit): each session's own cache
+        buffers [n_layers, kvh, capacity, hd], which the layers write the new K/V into and
+        read the past from (past_k/past_v unused); new_k/new_v are then empty."""
         h = self.embed(x, cos.dtype) if self.first else x
         # Mask rows tiled for grouped-query attention once per pass, not once per layer.
         mask, mask_local = gqa_mask(mask, self.config), gqa_mask(mask_local, self.config)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            if block.sliding:
-                h, k, v = block(h, cos_local, sin_local, mask_local, past_k[i], past_v[i], rows)
-            else:
-                h, k, v = block(h, cos, sin, mask, past_k[i], past_v[i], rows)
-            new_k.append(k)
-            new_v.append(v)
+            local = block.sliding
+            layer_kv = None if direct is None else [(kb[i], vb[i]) for kb, vb in direct]
+            h, k, v = block(
+                h, cos_local if local else cos, sin_local if local else sin,
+                mask_local if local else mask, past_k[i], past_v[i], rows, layer_kv,
+            )  # fmt: skip
+            if direct is None:
+                new_k.append(k)
+                new_v.append(v)
         out = self.logits(h) if (self.last and apply_head) else h
+        if direct is not None:
+            return out, past_k[:, :, :, :0], past_v[:, :, :, :0]
         return out, torch.stack(new_k), torch.stack(new_v)

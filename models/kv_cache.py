@@ -131,6 +131,22 @@ class KVCache:
             values[:, i, :, :n] = self._values[s][:, :, :n]
         return keys, values
 
+    def buffers_for(self, slot: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's own K and V buffers [n_layers, n_kv_heads, capacity, head_dim], with room
+        for `count` more tokens: a pass writes its new K/V at [length, length + count) itself
+        and reads the past in place (no padded copy); `commit` then counts them."""
+        self.check_room([slot], [count])
+        self._reserve(slot, self._lengths[slot] + count)
+        return self._keys[slot], self._values[slot]
+
+    def commit(self, slots: Sequence[int], counts: Sequence[int]) -> None:
+        """Counts `counts[i]` tokens written into slot i's buffers (see buffers_for)."""
+        for s, n in zip(slots, counts, strict=True):
+            if not 0 <= n <= self._keys[s].shape[2] - self.length(s):
+                raise ValueError(f"slot {s}: {n} tokens do not fit its buffers")
+        for s, n in zip(slots, counts, strict=True):
+            self._lengths[s] += n
+
     def write(
         self,
         slots: Sequence[int],

@@ -39,6 +39,8 @@ class TorchBackend:
             max_len=min(max_len, c.context_length),
             dtype=self.dtype,
         )
+        # Stands in for the padded past in passes that read the cache in place (per layer).
+        self._no_past = torch.zeros(self.cache.n_layers, 1, c.n_kv_heads, 0, c.head_dim)
 
     @property
     def first(self) -> bool:
@@ -61,13 +63,24 @@ class TorchBackend:
         )
         counts, bi = prepared.counts, prepared.inputs
         with torch.inference_mode():
-            past_k, past_v = self.cache.gather(slots, bi.past_len)
+            rows = (past, counts, ROW_ATTENTION_MAX) if ROW_ATTENTION_MAX else None
+            direct = None
+            if rows is not None and max(counts) <= ROW_ATTENTION_MAX:
+                # Decode steps and verify passes: attention reads and writes each session's
+                # own cache buffers (no padded copy of every past, about 30% of a
+                # 32-session decode pass at 400-token contexts).
+                direct = [self.cache.buffers_for(s, n) for s, n in zip(slots, counts, strict=True)]
+                past_k = past_v = self._no_past
+            else:
+                past_k, past_v = self.cache.gather(slots, bi.past_len)
             out, new_k, new_v = self.core(
                 prepared.x, bi.cos, bi.sin, bi.cos_local, bi.sin_local, bi.mask, bi.mask_local,
-                past_k, past_v, apply_head=apply_head,
-                rows=(past, counts, ROW_ATTENTION_MAX) if ROW_ATTENTION_MAX else None,
+                past_k, past_v, apply_head=apply_head, rows=rows, direct=direct,
             )  # fmt: skip
-            self.cache.write(slots, new_k, new_v, counts)
+            if direct is None:
+                self.cache.write(slots, new_k, new_v, counts)
+            else:
+                self.cache.commit(slots, counts)
         return out, counts
 
     def forward_features(

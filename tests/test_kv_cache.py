@@ -109,3 +109,22 @@ def test_write_checks_shapes() -> None:
         cache.write([s], torch.zeros(L, 1, H + 1, 2, D), torch.zeros(L, 1, H + 1, 2, D), [2])
     with pytest.raises(ValueError, match="counts"):
         cache.write([s], *_kv(1, 2, 0.0), [3])
+
+
+def test_buffers_for_gives_room_in_place_and_commit_counts_it() -> None:
+    cache = KVCache(L, H, D, max_slots=2, max_len=100, dtype=torch.float32)
+    s = cache.allocate()
+    cache.write([s], *_kv(1, 4, 0.0), [4])
+    keys, values = cache.buffers_for(s, 70)  # grows past the first capacity (64)
+    assert keys.shape[2] >= 74 and cache.length(s) == 4
+    keys[:, :, 4:6] = 7.0  # what a pass writes in place
+    values[:, :, 4:6] = -7.0
+    cache.commit([s], [2])
+    pk, pv = cache.gather([s], 6)
+    assert cache.length(s) == 6 and bool((pk[:, 0, :, 4:6] == 7.0).all())
+    assert bool((pv[:, 0, :, 4:6] == -7.0).all())
+    with pytest.raises(CacheFullError):
+        cache.buffers_for(s, 95)
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.commit([s], [keys.shape[2]])
+    assert cache.length(s) == 6

@@ -47,6 +47,12 @@ def add_train_drafter_parser(
     p.add_argument(
         "--max-new", type=int, default=DEFAULT_MAX_NEW, help="tokens the target writes per prompt"
     )
+    p.add_argument(
+        "--gen-share",
+        type=float,
+        default=0.45,
+        help="share of the time budget for the target to write training text (default 0.45)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--weights", default="bf16", help="weight format of target and drafter")
     p.add_argument("--heldout", default=str(HELDOUT_PROMPTS), help="held-out prompts JSON")
@@ -111,9 +117,11 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if not 0.0 < args.gen_share < 1.0:
+        return fail(f"--gen-share must be between 0 and 1, not {args.gen_share}")
     options = TrainOptions(
         layers=args.layers, vocab=args.vocab, minutes=args.minutes, max_new=args.max_new,
-        slots=args.slots, weights=args.weights,
+        slots=args.slots, weights=args.weights, gen_share=args.gen_share,
     )  # fmt: skip
 
     def say(message: str) -> None:

@@ -327,8 +327,10 @@ def single_session(
     max_tokens: int,
     temperatures: Sequence[float],
     drafter_weights: str,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """(b): per kind and temperature, the replies over the prompt set."""
+    """(b): per kind and temperature, the replies over the prompt set (`extra`: more drafter
+    node set-ups by label, e.g. {"old": "feature:PATH"})."""
     configs: dict[str, tuple[dict[str, str], int, str]] = {
         "target": ({"speculative": "false", "weights": baseline_weights, "drafter": "none"}, 0, ""),
         "ngram": ({"weights": verifier_weights, "drafter": "ngram"}, 0, ""),
@@ -336,6 +338,8 @@ def single_session(
         "trained": ({"weights": verifier_weights, "drafter": "none"}, 1, "trained"),
         "feature": ({"weights": verifier_weights, "drafter": "none"}, 1, "feature"),
     }
+    for label, spec in (extra or {}).items():  # --kinds LABEL=SPEC: another drafter node
+        configs[label] = ({"weights": verifier_weights, "drafter": "none"}, 1, spec)
     if baseline_weights != verifier_weights:  # target-only on the verifier's format too
         configs["target_verifier_format"] = (
             {"speculative": "false", "weights": verifier_weights, "drafter": "none"},
@@ -592,7 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer prompts, tokens and sessions")
     parser.add_argument(
-        "--kinds", default="ngram,text,trained,feature", help="drafter kinds for (b)"
+        "--kinds",
+        default="ngram,text,trained,feature",
+        help="drafter kinds for (b); LABEL=SPEC adds a drafter node spec (e.g. old=feature:PATH)",
     )
     parser.add_argument("--sessions", default=None, help="session counts for (a), e.g. 1,2,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -623,8 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_tokens = args.max_tokens or (48 if quick else 64)
     counts = [int(x) for x in (args.sessions or ("1,2,4,8" if quick else "1,2,4,8,16")).split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    kinds = [k for k in args.kinds.split(",") if k]
-    unknown = sorted(set(kinds) - {"ngram", "text", "trained", "feature"})
+    entries = [k for k in args.kinds.split(",") if k]
+    extra = dict(k.split("=", 1) for k in entries if "=" in k)
+    kinds = [k.partition("=")[0] for k in entries]
+    unknown = sorted(set(kinds) - {"ngram", "text", "trained", "feature"} - set(extra))
     if unknown:
         parser.error(f"unknown drafter kinds {unknown}: use ngram, text, trained, feature")
     for kind, why in missing_drafter_files(kinds).items():
@@ -657,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "single" not in skip:
         single = single_session(
             root, prompts, kinds, baseline_weights, single_weights, max_tokens, temps,
-            args.drafter_weights,
+            args.drafter_weights, extra,
         )  # fmt: skip
         base = single["target"]["0.0"]
         same_format = single.get("target_verifier_format", single["target"])["0.0"]

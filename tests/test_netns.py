@@ -69,6 +69,7 @@ class NamespacedProbe:
     def __init__(self, ns: str, addr: str, name: str, key: str) -> None:
         self.name = name
         self.events: list[dict] = []
+        self.unparsed: list[str] = []
         command = ["ip", "netns", "exec", ns, sys.executable, "-m", "transport.probe"]
         command += ["--node-id", name, "--host", addr, "--interface", addr]
         command += ["--exchange", "--duration", "30"]
@@ -86,7 +87,12 @@ class NamespacedProbe:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            self.events.append(json.loads(line))
+            try:
+                self.events.append(json.loads(line))
+            except json.JSONDecodeError:
+                # stop() drains the pipe with communicate() while this thread still reads it,
+                # so a last line can arrive cut in two: not an event.
+                self.unparsed.append(line)
 
     def exchanged_with(self, peer: str) -> dict | None:
         return next(

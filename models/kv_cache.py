@@ -5,8 +5,10 @@ Each session holds a slot. A slot's keys and values live in their own buffers
 the sessions' real lengths and never exceeds max_slots x max_len tokens. `truncate` only moves the
 length back (rejected draft tokens are overwritten by the next write).
 
-The cache stores torch tensors but knows nothing about models: any backend (torch, onnxruntime)
-gathers a padded batch of past K/V before a pass and writes each session's new K/V after it.
+The cache stores torch tensors but knows nothing about models: a backend gathers a padded batch
+of past K/V before a pass and writes each session's new K/V after it (onnxruntime, and torch for
+prefill chunks), or takes each session's own buffers (`buffers_for`), lets the pass write and
+read them in place and then `commit`s the new length (torch decode steps and verify passes).
 """
 
 from __future__ import annotations
